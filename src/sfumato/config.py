@@ -152,6 +152,9 @@ class ModelSpec:
     size_conditioning: str | None = None  # "base" (orig size, crop, target) or "refiner" (.., aesthetic)
     concat: str | None = None  # extra UNet input: "inpaint", "depth", "pix2pix", "low_res"
     default_size: int = 512
+    # Align Your Steps (Sabour et al. 2024): NVIDIA's 10-step schedule for this model, as training
+    # timesteps (their published form); the "ays" schedule interpolates it to any step count
+    ays_timesteps: tuple[int, ...] = (999, 850, 736, 645, 545, 455, 343, 233, 124, 24, 0)
 
     @property
     def context_dim(self) -> int:
@@ -204,6 +207,7 @@ _UPSCALER_UNET = UNetConfig(
 _VAE = VAEConfig()
 _UPSCALER_VAE = VAEConfig(ch_mult=(1, 2, 4))
 _LINEAR_SCHEDULE = NoiseScheduleConfig(beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
+_AYS_SDXL = (999, 845, 730, 587, 443, 310, 193, 116, 53, 13, 0)
 
 PRESETS: dict[str, ModelSpec] = {
     s.family: s
@@ -222,11 +226,12 @@ PRESETS: dict[str, ModelSpec] = {
         ModelSpec("sd2-unclip-h", replace(_SD2_UNET, adm_in_channels=2048, adm_kind="image"), _VAE,
                   (_SD2_TEXT,), prediction="v", default_size=768),
         ModelSpec("sdxl", _SDXL_UNET, _VAE, _SDXL_TEXT, latent_scale=0.13025,
-                  size_conditioning="base", default_size=1024),
+                  size_conditioning="base", default_size=1024, ays_timesteps=_AYS_SDXL),
         ModelSpec("sdxl-inpaint", replace(_SDXL_UNET, in_channels=9), _VAE, _SDXL_TEXT,
-                  latent_scale=0.13025, size_conditioning="base", concat="inpaint", default_size=1024),
+                  latent_scale=0.13025, size_conditioning="base", concat="inpaint", default_size=1024,
+                  ays_timesteps=_AYS_SDXL),
         ModelSpec("sdxl-refiner", _REFINER_UNET, _VAE, _REFINER_TEXT, latent_scale=0.13025,
-                  size_conditioning="refiner", default_size=1024),
+                  size_conditioning="refiner", default_size=1024, ays_timesteps=_AYS_SDXL),
     )
 }
 
