@@ -21,8 +21,8 @@ TIME_EMBED = 256  # SDXL's Fourier width per size-conditioning number
 def _tokenizer(pad: str):
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer(vocab_file=str(SHARED_BPE / "vocab.json"), merges_file=str(SHARED_BPE / "merges.txt"),
-                         pad_token=pad)
+    # transformers 5 ignores vocab_file/merges_file keywords; from_pretrained on the folder reads them
+    return CLIPTokenizer.from_pretrained(str(SHARED_BPE), pad_token=pad, model_max_length=77)
 
 
 def _text(width: int = 64, layers: int = 2, *, act: str = "quick_gelu", projection: int | None = None,

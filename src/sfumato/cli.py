@@ -1,0 +1,492 @@
+"""The ``sfumato`` command: thin argument parsing over the library (``sfumato.load`` and the Pipeline).
+
+    sfumato generate "a lighthouse at dusk" --model v1-5.safetensors --steps 25 --seed 1
+    sfumato img2img photo.png "oil painting" --strength 0.6 --model m.safetensors
+    sfumato inpaint photo.png --mask mask.png "a red door" --model m.safetensors
+    sfumato info outputs/00001-1.png
+    sfumato models v1-5.safetensors
+    sfumato convert model.ckpt model.safetensors --half
+
+Images are written atomically with their AUTOMATIC1111 ``parameters`` text, as ``00001-<seed>.png`` in
+``--outdir`` (default ``./outputs``) or to ``-o FILE`` (never over an existing file without
+``--overwrite``); their paths are printed on stdout. Progress goes to stderr. Any
+:class:`~sfumato.errors.SfumatoError` ends the command with one line ``sfumato: error: ...`` and exit
+status 2; ``info`` on an image without parameters exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from sfumato.errors import CheckpointError, SfumatoError
+
+__all__ = ["main", "build_parser", "Progress", "describe_checkpoint", "legacy_model_hash", "sha256_file"]
+
+EXIT_ERROR = 2
+EXIT_NO_PARAMETERS = 1
+
+
+# --- progress ----------------------------------------------------------------------------------------
+
+def _clock(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60:02d}:{rest % 60:02d}"
+
+
+def _rate(per_step: float) -> str:
+    if per_step <= 0:
+        return "?it/s"
+    return f"{1 / per_step:.2f}it/s" if per_step <= 1 else f"{per_step:.2f}s/it"
+
+
+class Progress:
+    """A sampler callback that reports steps, speed and time left on ``stream``.
+
+    On a terminal: one bar redrawn in place (``45%|#####     | 9/20 [00:03<00:04, 2.51it/s]``).
+    Elsewhere (a log file, CI): a plain line at most every ``interval`` seconds and one when a run
+    ends, so logs show life without a line per step. A new run (the step index going back to 0, as
+    a second pass does) starts a new bar.
+    """
+
+    def __init__(self, stream: TextIO | None = None, *, enabled: bool = True, tty: bool | None = None,
+                 interval: float = 5.0, width: int = 24, clock: Callable[[], float] = time.monotonic) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = enabled
+        self.tty = tty if tty is not None else bool(getattr(self.stream, "isatty", lambda: False)())
+        self.interval, self.width, self.clock = interval, width, clock
+        self._start = self._last_time = self._first = clock()
+        self._last_step = -1
+        self._last_print = -float("inf")
+        self._mid_line = False  # a terminal bar is drawn and not yet ended by a newline
+
+    def __call__(self, info: Any) -> None:  # a sfumato.sampling.StepInfo
+        if not self.enabled:
+            return
+        now = self.clock()
+        if info.i <= self._last_step:  # a new run: it started when the previous one reported last
+            self._start = self._last_time
+        if info.i == 0 or info.i <= self._last_step:
+            self._first = now
+        self._last_step, self._last_time = info.i, now
+        done, total = info.i + 1, max(info.total, 1)
+        elapsed = now - self._start
+        # The speed is measured from the first step's report on once there are two: the time before it
+        # also holds text encoding (and for img2img, VAE encoding), which is not per-step work.
+        per_step = (now - self._first) / info.i if info.i > 0 else elapsed / done
+        left = per_step * (total - done)
+        if self.tty:
+            fill = self.width * done // total
+            bar = "#" * fill + " " * (self.width - fill)
+            self.stream.write(f"\r{100 * done // total:3d}%|{bar}| {done}/{total} "
+                              f"[{_clock(elapsed)}<{_clock(left)}, {_rate(per_step)}]")
+            self._mid_line = done < total
+            if not self._mid_line:
+                self.stream.write("\n")
+        elif done >= total:
+            self.stream.write(f"{done}/{total} steps in {elapsed:.1f}s ({_rate(per_step)})\n")
+        elif now - self._last_print >= self.interval:
+            self.stream.write(f"step {done}/{total} ({100 * done // total}%), {_rate(per_step)}, "
+                              f"ETA {_clock(left)}\n")
+            self._last_print = now
+        else:
+            return
+        self.stream.flush()
+
+    def close(self) -> None:
+        """End an unfinished bar (an error or interrupt mid-run) so what follows starts a new line."""
+        if self._mid_line:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._mid_line = False
+
+
+# --- checkpoints: hashes and a description without building the networks -----------------------------
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The file's SHA-256 (AUTOMATIC1111's "Model hash" is its first 10 hex digits)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def legacy_model_hash(path: str | os.PathLike) -> str:
+    """AUTOMATIC1111's old 8-hex model hash (``sd_models.model_hash``): SHA-256 of the 64 KiB at offset
+    1 MiB, first 8 hex digits. Collides easily; shown because old infotexts carry it."""
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def describe_checkpoint(path: str | os.PathLike, *, hashes: bool = True) -> dict[str, Any]:
+    """What a checkpoint is: family, prediction type (and where that came from), parameter count and
+    storage dtypes per component, hashes. A single file is read from its index alone (no weights, no
+    networks); a diffusers folder is loaded, since its family is detected on the renamed layout."""
+    from sfumato.weights import detect, io
+    from sfumato.weights.load import IGNORED, UNET_PREFIX, VAE_PREFIX
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if path.is_dir():
+        return _describe_folder(path)
+    ignored = [re.compile(p) for p, _ in IGNORED]
+    with io.open_checkpoint(path) as ckpt:
+        routes = io.select_ema(ckpt.keys())
+        shapes = {k: ckpt.shape(src) for k, src in routes.items()}
+        try:
+            spec = detect.detect_spec(shapes)
+        except CheckpointError as e:
+            raise type(e)(f"{path}: {e}") from None
+        prediction, why = detect.resolve_prediction(path, spec.family, prediction=None, metadata=ckpt.metadata)
+        spec = detect.with_prediction(spec, prediction)
+        prefixes = [("UNet", UNET_PREFIX), ("VAE", VAE_PREFIX)]
+        prefixes += [(f"text encoder {i}", te.ckpt_prefix) for i, te in enumerate(spec.text_encoders)]
+        components: dict[str, dict[str, Any]] = {}
+        for name, prefix in prefixes:
+            keys = [k for k in routes if k.startswith(prefix) and not any(r.search(k) for r in ignored)]
+            components[name] = {
+                "parameters": sum(_numel(shapes[k]) for k in keys),
+                "dtypes": sorted({_dtype_name(ckpt.dtype(routes[k])) for k in keys}),
+            }
+        ema = any(k.startswith("model_ema.") for k in ckpt.keys())
+        all_dtypes = sorted({_dtype_name(ckpt.dtype(k)) for k in ckpt.keys()})
+    out: dict[str, Any] = {
+        "path": str(path), "bytes": path.stat().st_size, "family": spec.family, "prediction": prediction,
+        "prediction_source": why, "dtypes": all_dtypes, "components": components, "ema_weights": ema,
+    }
+    if hashes:
+        digest = sha256_file(path)
+        out.update(sha256=digest, model_hash=digest[:10], legacy_hash=legacy_model_hash(path))
+    return out
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _describe_folder(path: Path) -> dict[str, Any]:
+    import sfumato
+    from sfumato.weights import detect, io
+
+    pipe = sfumato.load(path, dtype="fp16")
+    _, why = detect.resolve_prediction(path, pipe.spec.family, prediction=None, metadata={})
+    components: dict[str, dict[str, Any]] = {}
+    names = [("UNet", "unet", pipe.unet), ("VAE", "vae", pipe.vae)]
+    names += [(f"text encoder {i}", "text_encoder" + ("" if i == 0 else f"_{i + 1}"), m)
+              for i, m in enumerate(pipe.text_encoders)]
+    if len(pipe.text_encoders) == 1 and not (path / "text_encoder").is_dir():
+        names[-1] = ("text encoder 0", "text_encoder_2", pipe.text_encoders[0])  # SDXL refiner
+    all_dtypes: set[str] = set()
+    for label, sub, module in names:
+        dtypes: set[str] = set()
+        for f in sorted((path / sub).glob("*.safetensors")) + sorted((path / sub).glob("*.bin")):
+            with io.open_checkpoint(f) as ckpt:
+                dtypes |= {_dtype_name(ckpt.dtype(k)) for k in ckpt.keys()}
+        all_dtypes |= dtypes
+        components[label] = {"parameters": sum(p.numel() for p in module.parameters()), "dtypes": sorted(dtypes)}
+    return {"path": str(path), "bytes": sum(f.stat().st_size for f in path.rglob("*") if f.is_file()),
+            "family": pipe.spec.family, "prediction": pipe.spec.prediction, "prediction_source": why,
+            "dtypes": sorted(all_dtypes), "components": components, "ema_weights": False}
+
+
+def _print_description(d: dict[str, Any], out: TextIO) -> None:
+    rows = [("path", d["path"]), ("size", f"{d['bytes'] / 1e9:.2f} GB ({d['bytes']:,} bytes)"),
+            ("family", d["family"]), ("prediction", f"{d['prediction']} (from {d['prediction_source']})"),
+            ("dtypes", ", ".join(d["dtypes"]) or "-")]
+    if d.get("ema_weights"):
+        rows.append(("EMA", "the file holds EMA weights (loaded by default)"))
+    for key, value in rows:
+        out.write(f"{key + ':':<13}{value}\n")
+    out.write("components:\n")
+    total = 0
+    for name, c in d["components"].items():
+        total += c["parameters"]
+        out.write(f"  {name:<16}{c['parameters']:>15,} parameters  {', '.join(c['dtypes'])}\n")
+    out.write(f"  {'total':<16}{total:>15,} parameters\n")
+    if "sha256" in d:
+        out.write(f"{'sha256:':<13}{d['sha256']}\n")
+        out.write(f"{'model hash:':<13}{d['model_hash']}  (AUTOMATIC1111 \"Model hash\": SHA-256, 10 hex digits)\n")
+        out.write(f"{'legacy hash:':<13}{d['legacy_hash']}  (AUTOMATIC1111's old hash of 64 KiB at 1 MiB)\n")
+
+
+# --- argument parsing ------------------------------------------------------------------------------
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", metavar="PATH", help="checkpoint file (.safetensors/.ckpt) or diffusers "
+                   "folder; default: the built-in model")
+    p.add_argument("--vae", metavar="PATH", help="replace the checkpoint's VAE with this file or folder")
+    p.add_argument("--prediction", choices=("eps", "v"), help="prediction type, for SD 2.x files that "
+                   "cannot tell (default: detected)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps... (default: auto)")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="weights dtype (default: fp32 on CPU, "
+                   "fp16 on GPUs)")
+
+
+def _generation_options(p: argparse.ArgumentParser) -> None:
+    _model_options(p)
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("-o", "--output", metavar="FILE", help="write to FILE (.png, .jpg or .webp); with "
+                     "--batch N, FILE-1.png ... FILE-N.png")
+    out.add_argument("--outdir", metavar="DIR", default="outputs", help="write numbered files "
+                     "00001-<seed>.png here (default: ./outputs)")
+    p.add_argument("--negative", "-n", metavar="TEXT", default="", help="negative prompt")
+    p.add_argument("--steps", type=int, help="sampling steps (default: 20)")
+    p.add_argument("--cfg", type=float, dest="cfg_scale", help="classifier-free guidance scale (default: 7)")
+    p.add_argument("--sampler", help="sampler: our name or AUTOMATIC1111's label (default: euler)")
+    p.add_argument("--schedule", help="sigma schedule, e.g. karras (default: the sampler's)")
+    p.add_argument("--seed", type=int, help="seed; -1 or none: random (printed and stored in the image)")
+    p.add_argument("--width", "-W", type=int, help="width in pixels (default: the model's size)")
+    p.add_argument("--height", "-H", type=int, help="height in pixels (default: the model's size)")
+    p.add_argument("--batch", type=int, dest="batch_size", help="images per run (default: 1)")
+    p.add_argument("--clip-skip", type=int, help="AUTOMATIC1111's clip skip: 2 uses the next-to-last "
+                   "text-encoder layer (default: 1)")
+    p.add_argument("--subseed", type=int, help="variation seed")
+    p.add_argument("--subseed-strength", type=float, help="how much of the variation seed's noise, 0..1")
+    p.add_argument("--eta", type=float, help="noise of ancestral / DDIM samplers (default: the sampler's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing -o FILE")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress or status on stderr")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sfumato import __version__
+
+    parser = argparse.ArgumentParser(prog="sfumato", description="Stable Diffusion from scratch in PyTorch.")
+    parser.add_argument("--version", action="version", version=f"sfumato {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    g = sub.add_parser("generate", help="text to image")
+    g.add_argument("prompt", nargs="?", default="")
+    _generation_options(g)
+
+    i = sub.add_parser("img2img", help="image to image")
+    i.add_argument("image", metavar="IMAGE")
+    i.add_argument("prompt", nargs="?", default="")
+    i.add_argument("--strength", type=float, help="denoising strength, 0..1 (default: 0.75)")
+    _generation_options(i)
+
+    ip = sub.add_parser("inpaint", help="repaint the white part of a mask")
+    ip.add_argument("image", metavar="IMAGE")
+    ip.add_argument("prompt", nargs="?", default="")
+    ip.add_argument("--mask", required=True, metavar="MASK", help="white = repaint; a mask with transparency "
+                    "is read from its alpha channel")
+    ip.add_argument("--strength", type=float, help="denoising strength, 0..1 (default: 1)")
+    ip.add_argument("--mask-blur", type=int, help="mask feathering in pixels (default: 4)")
+    ip.add_argument("--fill", choices=("original", "latent_noise", "latent_nothing", "fill"),
+                    help="what the masked area starts from (default: original)")
+    ip.add_argument("--full-res", action="store_true", help="inpaint the masked region at full resolution")
+    ip.add_argument("--padding", type=int, help="pixels around the mask with --full-res (default: 32)")
+    _generation_options(ip)
+
+    op = sub.add_parser("outpaint", help="extend the canvas and paint the new border")
+    op.add_argument("image", metavar="IMAGE")
+    op.add_argument("prompt", nargs="?", default="")
+    for side in ("left", "right", "up", "down"):
+        op.add_argument(f"--{side}", type=int, default=0, metavar="PX", help=f"pixels to add: {side}")
+    op.add_argument("--strength", type=float, help="denoising strength, 0..1 (default: 1)")
+    _generation_options(op)
+
+    inf = sub.add_parser("info", help="print the generation parameters stored in an image")
+    inf.add_argument("image", metavar="IMAGE")
+    inf.add_argument("--json", action="store_true", help="print the parsed fields as JSON")
+
+    m = sub.add_parser("models", help="describe a checkpoint: family, prediction, sizes, hashes")
+    m.add_argument("path", metavar="PATH")
+    m.add_argument("--json", action="store_true", help="print as JSON")
+    m.add_argument("--no-hash", action="store_true", help="skip hashing the file (fast for big files)")
+
+    c = sub.add_parser("convert", help="convert a checkpoint to .safetensors or a diffusers folder")
+    c.add_argument("input", metavar="IN")
+    c.add_argument("output", metavar="OUT")
+    c.add_argument("--format", choices=("single_file", "diffusers"),
+                   help="default: single_file for OUT ending in .safetensors, else diffusers")
+    c.add_argument("--half", action="store_true", help="store fp16")
+    c.add_argument("--keep-ema", action="store_true", help="keep both UNet copies of a training checkpoint "
+                   "(default: only the EMA weights)")
+    c.add_argument("--prediction", choices=("eps", "v"), help="prediction type, for SD 2.x files that cannot tell")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    return parser
+
+
+# --- commands ---------------------------------------------------------------------------------------
+
+_PARAM_ARGS = ("steps", "cfg_scale", "sampler", "schedule", "seed", "batch_size", "clip_skip", "subseed",
+               "subseed_strength", "eta")
+
+
+def _device(name: str) -> str:
+    if name != "auto":
+        return name
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    return "mps" if mps is not None and mps.is_available() else "cpu"
+
+
+def _status(args: argparse.Namespace, message: str) -> None:
+    if not args.quiet:
+        print(f"sfumato: {message}", file=sys.stderr, flush=True)
+
+
+def _params_kwargs(args: argparse.Namespace, **more: Any) -> dict[str, Any]:
+    """The generation parameters given on the command line (absent ones keep the library's defaults)."""
+    kw = {k: getattr(args, k) for k in _PARAM_ARGS if getattr(args, k) is not None}
+    if kw.get("seed") == -1:  # AUTOMATIC1111's "random"
+        del kw["seed"]
+    kw.update({k: v for k, v in more.items() if v is not None})
+    return kw
+
+
+def _check_params(args: argparse.Namespace, kw: dict[str, Any]) -> None:
+    """Validate before the (slow) model load, so a typo fails at once. The size is checked against the
+    8-pixel latent grid every family has; the model's own size stands in for absent values."""
+    from sfumato.params import GenerationParams, validate
+
+    fields = {k: v for k, v in kw.items() if k in GenerationParams.field_names()}
+    validate(GenerationParams(prompt=args.prompt, negative_prompt=args.negative,
+                              width=args.width if args.width is not None else 512,
+                              height=args.height if args.height is not None else 512, **fields))
+
+
+def _output_paths(args: argparse.Namespace, n: int) -> list[Path] | None:
+    if args.output is None:
+        return None
+    out = Path(args.output)
+    if n == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{i + 1}{out.suffix}") for i in range(n)]
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import sfumato
+    from sfumato.errors import InvalidParameterError
+    from sfumato.images import check_output, load_image, load_mask, save_image, save_numbered
+
+    more: dict[str, Any] = {}
+    if args.command in ("img2img", "inpaint", "outpaint"):
+        more["strength"] = args.strength
+    if args.command == "inpaint":
+        more.update(mask_blur=args.mask_blur, inpaint_fill=args.fill, inpaint_padding=args.padding,
+                    inpaint_full_res=args.full_res or None)
+    kw = _params_kwargs(args, **more)
+    _check_params(args, kw)
+    if args.command == "outpaint" and (args.width is not None or args.height is not None):
+        raise InvalidParameterError("outpaint takes its size from the extended canvas; drop --width/--height")
+    for path in _output_paths(args, kw.get("batch_size", 1)) or []:
+        check_output(path, overwrite=args.overwrite)
+    image = load_image(args.image) if args.command != "generate" else None
+    mask = load_mask(args.mask) if args.command == "inpaint" else None
+
+    _status(args, f"loading {args.model or 'the built-in model'}")
+    t0 = time.monotonic()
+    pipe = sfumato.load(args.model, device=_device(args.device), dtype=args.dtype, prediction=args.prediction,
+                        vae=args.vae)
+    _status(args, f"loaded {pipe.spec.family} in {time.monotonic() - t0:.1f}s")
+
+    progress = Progress(enabled=not args.quiet)
+    size = {"width": args.width, "height": args.height}
+    t0 = time.monotonic()
+    try:
+        if args.command == "generate":
+            res = pipe.generate(args.prompt, args.negative, callback=progress, **size, **kw)
+        elif args.command == "img2img":
+            res = pipe.img2img(image, args.prompt, args.negative, callback=progress, **size, **kw)
+        elif args.command == "inpaint":
+            # the pipeline's keyword names for the mask options
+            renames = {"inpaint_fill": "fill", "inpaint_padding": "padding"}
+            kw = {renames.get(k, k): v for k, v in kw.items()}
+            res = pipe.inpaint(image, mask, args.prompt, args.negative, callback=progress, **size, **kw)
+        else:
+            res = pipe.outpaint(image, args.prompt, args.negative, left=args.left, right=args.right, up=args.up,
+                                down=args.down, callback=progress, **kw)
+    finally:
+        progress.close()
+
+    paths = _output_paths(args, len(res.images))
+    for i, (img, text, seed) in enumerate(zip(res.images, res.infotexts, res.seeds)):
+        if paths is not None:
+            written = save_image(img, paths[i], parameters=text, overwrite=args.overwrite)
+        else:
+            written = save_numbered(img, args.outdir, seed, parameters=text)
+        print(written, flush=True)
+    seeds = ", ".join(str(s) for s in dict.fromkeys(res.seeds))
+    _status(args, f"{len(res.images)} image(s) in {time.monotonic() - t0:.1f}s, seed {seeds}")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from sfumato.metadata import parse_infotext, read_parameters
+
+    text = read_parameters(args.image)
+    if text is None:
+        print(f"sfumato: {args.image}: no generation parameters stored in this image", file=sys.stderr)
+        return EXIT_NO_PARAMETERS
+    print(json.dumps(parse_infotext(text), indent=2, ensure_ascii=False) if args.json else text)
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    d = describe_checkpoint(args.path, hashes=not args.no_hash)
+    if args.json:
+        print(json.dumps(d, indent=2))
+    else:
+        _print_description(d, sys.stdout)
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    import sfumato
+    from sfumato.images import OutputExistsError
+
+    out = Path(args.output)
+    fmt = args.format or ("single_file" if out.suffix else "diffusers")
+    if out.exists() and not args.overwrite:
+        raise OutputExistsError(f"{out}: already exists; pass --overwrite to replace it")
+    if not Path(args.input).exists():
+        raise CheckpointError(f"{args.input}: no such file or folder")
+    pipe = sfumato.load(args.input, prediction=args.prediction)
+    print(pipe.save(out, format=fmt, half=args.half, ema_only=not args.keep_ema))
+    return 0
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "generate": _generate, "img2img": _generate, "inpaint": _generate, "outpaint": _generate,
+    "info": _info, "models": _models, "convert": _convert,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 1 ``info`` found nothing, 2 error)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, usage errors: argparse has printed them
+        return e.code if isinstance(e.code, int) else EXIT_ERROR
+    try:
+        return _COMMANDS[args.command](args)
+    except SfumatoError as e:
+        print(f"sfumato: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("\nsfumato: interrupted", file=sys.stderr)
+        return 130

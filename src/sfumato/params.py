@@ -1,0 +1,117 @@
+"""Generation parameters: one dataclass that the Python API, the CLI, the HTTP server and the PNG
+metadata all speak, validated once at the boundary with messages that name the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from sfumato.errors import InvalidParameterError
+
+INPAINT_FILLS = ("original", "latent_noise", "latent_nothing", "fill")
+EMPHASIS = ("original", "none")
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Everything that determines an image (besides the model and the input images)."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    width: int = 512
+    height: int = 512
+    steps: int = 20
+    cfg_scale: float = 7.0
+    sampler: str = "euler"
+    schedule: str = "automatic"  # "automatic": the sampler's own default (AUTOMATIC1111's "Automatic")
+    seed: int | None = None  # None: a random seed, recorded in the result's info
+    subseed: int | None = None
+    subseed_strength: float = 0.0
+    batch_size: int = 1
+    clip_skip: int = 1  # AUTOMATIC1111 numbering: 1 = the model's own layer, 2 = one earlier
+    eta: float | None = None  # ancestral / DDIM noise; None = the sampler's default
+    s_churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float = float("inf")
+    s_noise: float = 1.0
+    guidance_rescale: float = 0.0
+    emphasis: str = "original"  # AUTOMATIC1111 "Original" emphasis normalisation, or "none" ("No norm")
+    # img2img / inpainting
+    strength: float | None = None  # denoising strength; None for txt2img
+    mask_blur: int = 4
+    inpaint_fill: str = "original"
+    inpaint_full_res: bool = False
+    inpaint_padding: int = 32
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form, carried into the metadata
+
+    def replace(self, **changes: Any) -> GenerationParams:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+
+def _int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidParameterError(f"{name} must be an integer, got {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        allowed = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise InvalidParameterError(f"{name}={value} is out of range: allowed {allowed}")
+    return value
+
+
+def _float(name: str, value: Any, lo: float | None = None, hi: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidParameterError(f"{name} must be a number, got {value!r}")
+    v = float(value)
+    if v != v or (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise InvalidParameterError(f"{name}={value} is out of range: allowed [{lo}, {hi}]")
+    return v
+
+
+def validate(p: GenerationParams, *, size_multiple: int = 8) -> GenerationParams:
+    """Check every field; return the params with names normalised. Raises InvalidParameterError."""
+    from sfumato.sampling import resolve_sampler
+
+    for name in ("prompt", "negative_prompt"):
+        if not isinstance(getattr(p, name), str):
+            raise InvalidParameterError(f"{name} must be a string, got {type(getattr(p, name)).__name__}")
+    for name in ("width", "height"):
+        v = _int(name, getattr(p, name), size_multiple, 8192)
+        if v % size_multiple:
+            lower = v // size_multiple * size_multiple
+            raise InvalidParameterError(
+                f"{name}={v} is not a multiple of {size_multiple} (this model's latent grid); "
+                f"use {max(lower, size_multiple)} or {lower + size_multiple}")
+    _int("steps", p.steps, 1, 10000)
+    _float("cfg_scale", p.cfg_scale, 0.0, 100.0)
+    _int("batch_size", p.batch_size, 1, 64)
+    _int("clip_skip", p.clip_skip, 1, 12)
+    if p.seed is not None:
+        _int("seed", p.seed, -1, 2**64 - 1)
+    if p.subseed is not None:
+        _int("subseed", p.subseed, -1, 2**64 - 1)
+    _float("subseed_strength", p.subseed_strength, 0.0, 1.0)
+    if p.eta is not None:
+        _float("eta", p.eta, 0.0, 10.0)
+    _float("s_churn", p.s_churn, 0.0)
+    _float("s_noise", p.s_noise, 0.0)
+    _float("s_tmin", p.s_tmin, 0.0)
+    if p.s_tmax != float("inf"):
+        _float("s_tmax", p.s_tmax, 0.0)
+    _float("guidance_rescale", p.guidance_rescale, 0.0, 1.0)
+    if p.emphasis.lower() not in EMPHASIS:
+        raise InvalidParameterError(f"emphasis {p.emphasis!r} is not one of {', '.join(EMPHASIS)}")
+    if p.strength is not None:
+        _float("strength", p.strength, 0.0, 1.0)
+    _int("mask_blur", p.mask_blur, 0, 256)
+    _int("inpaint_padding", p.inpaint_padding, 0, 4096)
+    if p.inpaint_fill not in INPAINT_FILLS:
+        raise InvalidParameterError(f"inpaint_fill {p.inpaint_fill!r} is not one of {', '.join(INPAINT_FILLS)}")
+    sampler, schedule = resolve_sampler(p.sampler, p.schedule)
+    return replace(p, sampler=sampler, schedule=schedule, emphasis=p.emphasis.lower())
