@@ -229,3 +229,28 @@ def test_bad_images(models):
         ours.img2img("not an image", "x", steps=2)
     rgba = Image.new("RGBA", (SIZE, SIZE), (255, 0, 0, 128))
     assert ours.img2img(rgba, "x", steps=2, strength=0.5, seed=0).images[0].mode == "RGB"
+
+
+def test_img2img_step_counts_diffusers_and_a1111(models):
+    _, ours = models["sd1"]
+    counts = {}
+    for mode in ("diffusers", "a1111"):
+        n = []
+        ours.img2img(_input_image(), "x", strength=0.5, steps=10, seed=0, img2img_mode=mode,
+                     callback=lambda s, n=n: n.append(s.sigma))
+        counts[mode] = n
+    assert len(counts["diffusers"]) == 5 and len(counts["a1111"]) == 6
+    assert counts["a1111"][0] > counts["diffusers"][0]  # AUTOMATIC1111 starts one sigma higher
+
+
+def test_infotexts_record_batch_inpaint_and_variation(models):
+    _, ours = models["sd1"]
+    r = ours.generate("x", width=SIZE, height=SIZE, steps=2, seed=3, batch_size=2)
+    assert "Batch size: 2, Batch pos: 0" in r.infotexts[0] and "Batch pos: 1" in r.infotexts[1]
+    r = ours.generate("x", width=SIZE, height=SIZE, steps=2, seed=3, subseed_strength=0.3)
+    assert r.params.subseed is not None and f"Variation seed: {r.params.subseed}" in r.infotexts[0]
+    again = ours.generate("x", width=SIZE, height=SIZE, steps=2, seed=3, subseed=r.params.subseed,
+                          subseed_strength=0.3)
+    assert _maxdiff(r.images[0], again.images[0]) == 0
+    r = ours.inpaint(_input_image(), _mask(), "x", steps=2, seed=1, mask_blur=3)
+    assert "Mask blur: 3" in r.infotexts[0]

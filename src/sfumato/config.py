@@ -205,6 +205,21 @@ _UPSCALER_UNET = UNetConfig(
 )
 
 _VAE = VAEConfig()
+
+# sfumato's own small model (trained by `sfumato train`, shipped in the package): the same classes at a
+# size that trains on a CPU (about 11M parameters, 22 MB in fp16). 64 px images, a 4x autoencoder (16x16x4 latents), a 3-layer CLIP-architecture
+# text encoder over the real CLIP tokenizer, trained from scratch with the UNet. Its text encoder sits
+# under sgm's `conditioner.embedders.0.transformer.` prefix, a key signature no official release has.
+BUILTIN = ModelSpec(
+    "builtin",
+    UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=(1, 1, 1), transformer_depth=(0, 1, 1),
+               transformer_depth_middle=1, num_heads=None, head_dim=64, context_dim=64, use_linear_proj=True),
+    VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1),
+    (TextEncoderSpec(TextEncoderConfig(width=64, layers=3, heads=1, mlp_width=256, activation="gelu"),
+                     layer=-1, final_norm=True, pad_id=49407, ckpt_prefix="conditioner.embedders.0.transformer."),),
+    latent_scale=1.0,  # replaced by the trained autoencoder's 1/std (printed by `sfumato train vae`)
+    default_size=64,
+)
 _UPSCALER_VAE = VAEConfig(ch_mult=(1, 2, 4))
 _LINEAR_SCHEDULE = NoiseScheduleConfig(beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
 _AYS_SDXL = (999, 845, 730, 587, 443, 310, 193, 116, 53, 13, 0)
@@ -232,6 +247,7 @@ PRESETS: dict[str, ModelSpec] = {
                   ays_timesteps=_AYS_SDXL),
         ModelSpec("sdxl-refiner", _REFINER_UNET, _VAE, _REFINER_TEXT, latent_scale=0.13025,
                   size_conditioning="refiner", default_size=1024, ays_timesteps=_AYS_SDXL),
+        BUILTIN,
     )
 }
 

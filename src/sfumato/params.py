@@ -11,6 +11,7 @@ from sfumato.errors import InvalidParameterError
 
 INPAINT_FILLS = ("original", "latent_noise", "latent_nothing", "fill")
 EMPHASIS = ("original", "none")
+IMG2IMG_MODES = ("diffusers", "a1111")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class GenerationParams:
     emphasis: str = "original"  # AUTOMATIC1111 "Original" emphasis normalisation, or "none" ("No norm")
     # img2img / inpainting
     strength: float | None = None  # denoising strength; None for txt2img
+    img2img_mode: str = "diffusers"  # which steps strength selects: "diffusers" or "a1111" (see pipeline)
     mask_blur: int = 4
     inpaint_fill: str = "original"
     inpaint_full_res: bool = False
@@ -111,6 +113,8 @@ def validate(p: GenerationParams, *, size_multiple: int = 8) -> GenerationParams
         _float("strength", p.strength, 0.0, 1.0)
     _int("mask_blur", p.mask_blur, 0, 256)
     _int("inpaint_padding", p.inpaint_padding, 0, 4096)
+    if p.img2img_mode not in IMG2IMG_MODES:
+        raise InvalidParameterError(f"img2img_mode {p.img2img_mode!r} is not one of {', '.join(IMG2IMG_MODES)}")
     if p.inpaint_fill not in INPAINT_FILLS:
         raise InvalidParameterError(f"inpaint_fill {p.inpaint_fill!r} is not one of {', '.join(INPAINT_FILLS)}")
     sampler, schedule = resolve_sampler(p.sampler, p.schedule)

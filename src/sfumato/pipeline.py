@@ -271,8 +271,7 @@ def _noise(shape: tuple[int, ...], seed: int, p: GenerationParams, g: torch.Gene
     AUTOMATIC1111's slerp (per image, over its (C, H, W) noise)."""
     noise = torch.randn(shape, generator=g, dtype=torch.float32)
     if p.subseed_strength > 0:
-        sub_seed = p.subseed if p.subseed is not None and p.subseed >= 0 else secrets.randbelow(2**32)
-        sub = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(sub_seed), dtype=torch.float32)
+        sub = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(p.subseed), dtype=torch.float32)
         noise = torch.stack([_slerp(p.subseed_strength, noise[i], sub[i]) for i in range(shape[0])])
     return noise
 
@@ -304,12 +303,13 @@ def decode(pipe: Pipeline, latents: torch.Tensor) -> list[Image.Image]:
 def run(pipe: Pipeline, p: GenerationParams, *, image: Image.Image | None = None, mask: Image.Image | None = None,
         latents: torch.Tensor | None = None, callback: Callable | None = None) -> GenerationResult:
     """The spine for every mode: txt2img (no image), img2img (image), inpainting (image + mask)."""
-    from sfumato.metadata import infotext
     from sfumato.sampling import SAMPLERS, discrete_schedule, get_sigmas, make_denoiser
 
     spec, info = pipe.spec, SAMPLERS[p.sampler]
     seed = _seed(p)
     p = p.replace(seed=seed)
+    if p.subseed_strength > 0 and (p.subseed is None or p.subseed < 0):
+        p = p.replace(subseed=secrets.randbelow(2**32))  # recorded, so the image can be made again
     g = torch.Generator("cpu").manual_seed(seed)
     b, f = p.batch_size, spec.vae.downscale
     shape = (b, spec.unet.out_channels, p.height // f, p.width // f)
@@ -318,8 +318,7 @@ def run(pipe: Pipeline, p: GenerationParams, *, image: Image.Image | None = None
         conds = conditioning(pipe, p)
         discrete = discrete_schedule(spec.schedule)
         sigmas = get_sigmas(p.schedule, p.steps, discrete, sampler=info, ays_timesteps=spec.ays_timesteps).float()
-        # diffusers' img2img semantics: run the last int(steps * strength) steps of the steps-step schedule
-        start = p.steps - min(int(p.steps * p.strength), p.steps) if image is not None else 0
+        start = _img2img_start(p) if image is not None else 0
         sigmas = sigmas[start:]
 
         pixels = imageops.image_to_tensor(image, p.width, p.height) if image is not None else None
@@ -343,7 +342,7 @@ def run(pipe: Pipeline, p: GenerationParams, *, image: Image.Image | None = None
                 filler = torch.randn(init.shape, generator=g) if p.inpaint_fill == "latent_noise" else 0.0
                 init = lmask * filler + (1 - lmask) * init
         if len(sigmas) <= 1:  # strength 0: nothing to denoise
-            return _result(pipe, p, decode(pipe, init.expand(b, -1, -1, -1)), seed, infotext)
+            return _result(pipe, p, decode(pipe, init.expand(b, -1, -1, -1)), seed, inpaint=mask is not None)
 
         sigma0 = float(sigmas[0])
         if from_noise:
@@ -374,13 +373,30 @@ def run(pipe: Pipeline, p: GenerationParams, *, image: Image.Image | None = None
         if pmask is not None and p.mask_blur > 0:
             images = [Image.composite(im, image.resize(im.size), mask.convert("L").resize(im.size).filter(
                 imageops.ImageFilter.GaussianBlur(p.mask_blur))) for im in images]
-    return _result(pipe, p, images, seed, infotext)
+    return _result(pipe, p, images, seed, inpaint=mask is not None)
 
 
-def _result(pipe: Pipeline, p: GenerationParams, images: list[Image.Image], seed: int, infotext) -> GenerationResult:
-    seeds = [seed] * len(images)
-    texts = [infotext(p, seed=seed, model_name=pipe.model_name, model_hash=pipe.model_hash()) for _ in images]
-    return GenerationResult(images=images, params=p, seeds=seeds, infotexts=texts)
+def _img2img_start(p: GenerationParams) -> int:
+    """Index of the first sigma of an img2img run in the ``steps``-step schedule.
+
+    "diffusers" (default): the last ``int(steps * strength)`` steps. "a1111": AUTOMATIC1111's
+    ``t_enc = int(min(strength, 0.999) * steps)``, which starts one sigma higher and runs ``t_enc + 1`` steps.
+    """
+    if p.img2img_mode == "a1111":
+        return max(p.steps - int(min(p.strength, 0.999) * p.steps) - 1, 0)
+    return p.steps - min(int(p.steps * p.strength), p.steps)
+
+
+def _result(pipe: Pipeline, p: GenerationParams, images: list[Image.Image], seed: int, *,
+            inpaint: bool) -> GenerationResult:
+    """Every image of a batch comes from the one seed's noise stream: image i is reproduced by the same
+    seed and batch size (its infotext says "Batch size" and "Batch pos", as AUTOMATIC1111 writes them)."""
+    from sfumato.metadata import infotext
+
+    n = len(images)
+    texts = [infotext(p, seed=seed, model_name=pipe.model_name, model_hash=pipe.model_hash(), inpaint=inpaint,
+                      extra={"Batch size": n, "Batch pos": i} if n > 1 else {}) for i in range(n)]
+    return GenerationResult(images=images, params=p, seeds=[seed] * n, infotexts=texts)
 
 
 def _inpaint_full_res(pipe: Pipeline, p: GenerationParams, image: Image.Image, mask: Image.Image,
