@@ -6,6 +6,7 @@
     sfumato info outputs/00001-1.png
     sfumato models v1-5.safetensors
     sfumato convert model.ckpt model.safetensors --half
+    sfumato train builtin --out run --minutes 35
 
 Images are written atomically with their AUTOMATIC1111 ``parameters`` text, as ``00001-<seed>.png`` in
 ``--outdir`` (default ``./outputs``) or to ``-o FILE`` (never over an existing file without
@@ -323,6 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: only the EMA weights)")
     c.add_argument("--prediction", choices=("eps", "v"), help="prediction type, for SD 2.x files that cannot tell")
     c.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+
+    from sfumato.train.command import add_arguments as add_train_arguments
+
+    add_train_arguments(sub.add_parser("train", help="train the built-in model on synthetic scenes"))
     return parser
 
 
@@ -469,9 +474,15 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from sfumato.train.command import run
+
+    return run(args)
+
+
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "generate": _generate, "img2img": _generate, "inpaint": _generate, "outpaint": _generate,
-    "info": _info, "models": _models, "convert": _convert,
+    "info": _info, "models": _models, "convert": _convert, "train": _train,
 }
 
 

@@ -165,6 +165,7 @@ def detect_spec(shapes: Mapping[str, tuple[int, ...]], *, prediction: str | None
         raise UnknownModelError(f"looks like {preset.family}, but {e}") from None
     unet = replace(unet, num_heads=preset.unet.num_heads, head_dim=preset.unet.head_dim,
                    adm_kind=preset.unet.adm_kind, upcast_attention=preset.unet.upcast_attention)
+    vae = replace(vae, norm_groups=preset.vae.norm_groups)  # group counts are not in the shapes
     text = tuple(_text_spec(te, shapes) for te in preset.text_encoders)
     width = sum(t.config.width for t in text)
     if unet.context_dim is not None and unet.context_dim != width:

@@ -61,6 +61,17 @@ IGNORED: tuple[tuple[str, str], ...] = (
 _IGNORED_RE = [(re.compile(p), why) for p, why in IGNORED]
 
 
+def builtin_checkpoint() -> Path:
+    """The model sfumato trained itself, shipped inside the package (``sfumato.load()`` with no path)."""
+    from importlib.resources import files
+
+    path = Path(str(files("sfumato") / "data" / "builtin" / "model.safetensors"))
+    if not path.is_file():
+        raise CheckpointError(f"{path}: the built-in model is missing from this installation; pass a path to "
+                              "a .safetensors/.ckpt file or a diffusers folder")
+    return path
+
+
 def _ignored(key: str) -> bool:
     return any(r.search(key) for r, _ in _IGNORED_RE)
 
@@ -157,8 +168,7 @@ def load(
     from sfumato.pipeline import Pipeline
 
     if path is None:
-        raise CheckpointError("no checkpoint given, and sfumato has no built-in model yet: pass a path "
-                              "to a .safetensors/.ckpt file or a diffusers folder")
+        path = builtin_checkpoint()
     path = Path(path)
     device = torch.device(device)
     dtype = _check_dtype(dtype) or _default_dtype(device)

@@ -1,0 +1,124 @@
+"""``sfumato train``: the command line over :mod:`sfumato.train.trainer`, on synthetic scenes.
+
+    sfumato train builtin --out run --minutes 35          # both stages, then run/model.safetensors
+    sfumato train vae --out run --steps 800               # run/vae.safetensors (latent scale in its metadata)
+    sfumato train diffusion --vae run/vae.safetensors --out run --steps 1500 [--resume]
+
+Argument parsing only imports the standard library; torch and the trainer load when a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["add_arguments", "run"]
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
+    p.add_argument("--seed", type=int, default=0, help="training seed: weights init, noise, order (default: 0)")
+    p.add_argument("--n-images", type=int, default=10000, help="synthetic scenes to train on (default: 10000)")
+    p.add_argument("--data-seed", type=int, default=0, help="which synthetic dataset (default: 0)")
+    p.add_argument("--threads", type=int, help="torch threads (default: the CPUs available)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
+
+
+def _stage(p: argparse.ArgumentParser, *, steps: int, batch: int, lr: float) -> None:
+    p.add_argument("--steps", type=int, default=steps, help=f"optimiser steps (default: {steps})")
+    p.add_argument("--batch", type=int, default=batch, help=f"batch size (default: {batch})")
+    p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default: {lr:g})")
+    p.add_argument("--checkpoint-every", type=int, default=250, help="steps between checkpoints (default: 250)")
+    p.add_argument("--resume", nargs="?", const="", metavar="CKPT", help="continue a checkpoint (default: the "
+                   "one in --out)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
+    p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
+                   help="autocast on CUDA (the CPU trains in fp32; default: no)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``train`` subcommands, added to ``parser`` (the ``sfumato train`` parser)."""
+    sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
+
+    b = sub.add_parser("builtin", help="train the built-in model: autoencoder, then diffusion; export it")
+    _common(b)
+    b.add_argument("--minutes", type=float, default=35.0, help="wall-time budget (default: 35)")
+    b.add_argument("--vae-steps", type=int, help="autoencoder steps (default: fit the budget)")
+    b.add_argument("--steps", type=int, help="diffusion steps (default: fit the budget)")
+    b.add_argument("--prediction", choices=("eps", "v"), default="eps", help="what the UNet predicts (default: eps)")
+
+    v = sub.add_parser("vae", help="train the autoencoder; writes vae.safetensors")
+    _common(v)
+    _stage(v, steps=800, batch=8, lr=1e-3)
+    v.add_argument("--kl-weight", type=float, default=1e-6, help="KL weight in LDM's units (default: 1e-6)")
+
+    d = sub.add_parser("diffusion", help="train the UNet and text encoder on a trained autoencoder's latents; "
+                       "writes checkpoint.pt and model.safetensors")
+    _common(d)
+    _stage(d, steps=1500, batch=32, lr=3e-4)
+    d.add_argument("--vae", required=True, metavar="PATH", help="the autoencoder (vae.safetensors of `train vae`)")
+    d.add_argument("--prediction", choices=("eps", "v"), default="eps", help="what the UNet predicts (default: eps)")
+    d.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step (default: 1)")
+    d.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay (default: 0.999)")
+    d.add_argument("--caption-dropout", type=float, default=0.1, help="empty-prompt fraction, for CFG (default: 0.1)")
+    d.add_argument("--freeze-text-encoder", action="store_true", help="keep the text encoder fixed")
+
+
+def _resume(args: argparse.Namespace, name: str) -> Path | None:
+    if args.resume is None:
+        return None
+    return Path(args.resume) if args.resume else Path(args.out) / name
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``sfumato train STAGE``; prints what it wrote, the wall time and the hardware."""
+    from sfumato.config import BUILTIN
+    from sfumato.train import scenes
+    from sfumato.train.common import hardware, set_threads
+    from sfumato.train.trainer import MODEL_FILE, export_pipeline, train_builtin
+    from sfumato.train.vae_stage import VAE_CHECKPOINT, load_trained_vae, measure_latent_std, train_vae
+
+    t0 = time.monotonic()
+    out = Path(args.out)
+
+    def log(message: str) -> None:
+        print(f"sfumato: {message}", file=sys.stderr, flush=True)
+
+    if args.stage == "builtin":
+        result = train_builtin(out, minutes=args.minutes, seed=args.seed, n_images=args.n_images,
+                               vae_steps=args.vae_steps, diffusion_steps=args.steps, prediction=args.prediction,
+                               threads=args.threads, progress=not args.quiet, log=log)
+        print(result.path)
+        return 0
+
+    threads = set_threads(args.threads)
+    data = scenes.dataset(args.n_images, args.data_seed)
+    log(f"{args.n_images} scenes (dataset {args.data_seed}) ready; {threads} threads")
+    if args.stage == "vae":
+        res = train_vae(BUILTIN.vae, data.images, steps=args.steps, batch_size=args.batch, lr=args.lr,
+                        kl_weight=args.kl_weight, seed=args.seed, out_dir=out, checkpoint_every=args.checkpoint_every,
+                        resume_from=_resume(args, VAE_CHECKPOINT), device=args.device,
+                        mixed_precision=args.mixed_precision, progress=not args.quiet)
+        log(f"latent std {res.latent_std:.5f} -> latent_scale {res.latent_scale:.5f}")
+        print(res.path)
+    else:
+        from sfumato.train.diffusion_stage import CHECKPOINT, train_diffusion
+
+        vae, scale = load_trained_vae(args.vae)
+        if scale is None:
+            scale = 1.0 / measure_latent_std(vae, data.images, seed=args.seed)
+            log(f"{args.vae} stores no latent scale; measured {scale:.5f}")
+        res = train_diffusion(BUILTIN, vae, data, steps=args.steps, batch_size=args.batch, lr=args.lr,
+                              prediction=args.prediction, caption_dropout=args.caption_dropout,
+                              ema_decay=args.ema_decay, grad_accum=args.grad_accum,
+                              mixed_precision=args.mixed_precision, seed=args.seed, out_dir=out,
+                              resume_from=_resume(args, CHECKPOINT), checkpoint_every=args.checkpoint_every,
+                              train_text_encoder=not args.freeze_text_encoder, latent_scale=scale,
+                              device=args.device, progress=not args.quiet)
+        path = export_pipeline(res.spec, res.unet_ema, vae, res.text_encoders_ema, out / MODEL_FILE,
+                               metadata={"sfumato.train.steps": str(res.step), "sfumato.train.seed": str(args.seed)})
+        print(path)
+    log(f"done in {(time.monotonic() - t0) / 60:.1f} min on {hardware(args.device)}")
+    return 0
