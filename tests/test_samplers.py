@@ -21,7 +21,7 @@ from diffusers import (
 
 from sfumato.config import NoiseScheduleConfig
 from sfumato.errors import InvalidParameterError
-from sfumato.sampling import SAMPLERS, SCHEDULES, StepInfo, get_sigmas, make_denoiser, resolve_sampler
+from sfumato.sampling import SAMPLERS, SCHEDULES, StepInfo, make_denoiser, resolve_sampler
 from sfumato.sampling.samplers import lms_coefficient, sample_euler
 from sfumato.sampling.schedules import discrete_schedule
 
