@@ -254,3 +254,31 @@ def test_infotexts_record_batch_inpaint_and_variation(models):
     assert _maxdiff(r.images[0], again.images[0]) == 0
     r = ours.inpaint(_input_image(), _mask(), "x", steps=2, seed=1, mask_blur=3)
     assert "Mask blur: 3" in r.infotexts[0]
+
+
+def test_guidance_rescale_matches_diffusers(models):
+    folder, ours = models["sd2-v"]
+    ref = _reference("sd2-v", folder)
+    ref.scheduler = _scheduler("euler", ref.scheduler.config)
+    want = ref("a red circle", negative_prompt="blurry", num_inference_steps=STEPS, guidance_scale=8.0,
+               guidance_rescale=0.7, width=SIZE, height=SIZE, generator=torch.Generator().manual_seed(9)).images[0]
+    got = ours.generate("a red circle", "blurry", steps=STEPS, cfg_scale=8.0, guidance_rescale=0.7, sampler="euler",
+                        schedule="leading", seed=9, width=SIZE, height=SIZE).images[0]
+    plain = ours.generate("a red circle", "blurry", steps=STEPS, cfg_scale=8.0, sampler="euler",
+                          schedule="leading", seed=9, width=SIZE, height=SIZE).images[0]
+    assert _maxdiff(got, want) <= 1, f"guidance_rescale: max |diff| = {_maxdiff(got, want)}/255"
+    assert _maxdiff(got, plain) > 1  # the rescale does something
+
+
+@pytest.mark.parametrize("fill", ["original", "latent_noise", "latent_nothing", "fill"])
+def test_inpaint_fills_and_full_res_keep_the_unmasked_area(models, fill):
+    _, ours = models["sd1"]
+    big = _input_image(3).resize((2 * SIZE, 2 * SIZE))
+    mask = Image.new("L", big.size, 0)
+    mask.paste(255, (40, 40, 56, 56))
+    res = ours.inpaint(big, mask, "x", strength=0.8, steps=3, seed=2, fill=fill, mask_blur=2,
+                       inpaint_full_res=True, padding=8, width=SIZE, height=SIZE)
+    out = np.asarray(res.images[0])
+    assert res.images[0].size == big.size
+    assert np.array_equal(out[:24], np.asarray(big)[:24])  # far from the mask: the original pixels
+    assert _maxdiff(res.images[0], big) > 0  # the masked square was repainted
