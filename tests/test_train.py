@@ -174,7 +174,7 @@ def test_cli_trains_resumes_and_exports(tmp_path) -> None:
     from sfumato.cli import main
 
     out = tmp_path / "run"
-    common = ["--out", str(out), "--n-images", "4", "--batch", "2", "-q"]
+    common = ["--out", str(out), "--n-images", "4", "--batch", "2", "-q", "--threads", "1"]
     threads = torch.get_num_threads()
     try:
         assert main(["train", "vae", *common, "--steps", "2"]) == 0
@@ -190,3 +190,24 @@ def test_cli_trains_resumes_and_exports(tmp_path) -> None:
     assert torch.load(out / CHECKPOINT, weights_only=True)["step"] == 3
     pipe = sfumato.load(out / "model.safetensors")
     assert pipe.spec.family == "builtin" and pipe.dtype == torch.float32
+
+
+def test_vae_crops_lie_on_the_latent_grid_and_bad_crops_are_refused() -> None:
+    from sfumato.errors import InvalidParameterError
+    from sfumato.train.vae_stage import _random_crop
+
+    x = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).reshape(2, 3, 32, 32)
+    g = torch.Generator().manual_seed(0)
+    crops = _random_crop(x, 16, 4, g)
+    assert crops.shape == (2, 3, 16, 16)
+    for img, crop in zip(x, crops):
+        corner = int(crop[0, 0, 0] - img[0, 0, 0])  # the flat index of the window's corner in channel 0
+        r, c = divmod(corner, 32)
+        assert r % 4 == 0 and c % 4 == 0 and r <= 16 and c <= 16
+        assert torch.equal(crop, img[:, r:r + 16, c:c + 16])
+    again = _random_crop(x, 16, 4, torch.Generator().manual_seed(0))
+    assert torch.equal(crops, again)
+    images = torch.zeros((2, 32, 32, 3), dtype=torch.uint8).numpy()
+    for bad in (0, 6, 48):
+        with pytest.raises(InvalidParameterError, match=f"crop {bad} "):
+            train_vae(TINY.vae, images, steps=1, batch_size=2, crop=bad, progress=False)

@@ -214,7 +214,7 @@ BUILTIN = ModelSpec(
     "builtin",
     UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=(1, 1, 1), transformer_depth=(0, 1, 1),
                transformer_depth_middle=1, num_heads=None, head_dim=64, context_dim=64, use_linear_proj=True),
-    VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1),
+    VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8),
     (TextEncoderSpec(TextEncoderConfig(width=64, layers=3, heads=1, mlp_width=256, activation="gelu"),
                      layer=-1, final_norm=True, pad_id=49407, ckpt_prefix="conditioner.embedders.0.transformer."),),
     latent_scale=1.0,  # replaced by the trained autoencoder's 1/std (printed by `sfumato train vae`)

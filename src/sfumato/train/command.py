@@ -48,10 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--vae-steps", type=int, help="autoencoder steps (default: fit the budget)")
     b.add_argument("--steps", type=int, help="diffusion steps (default: fit the budget)")
     b.add_argument("--prediction", choices=("eps", "v"), default="eps", help="what the UNet predicts (default: eps)")
+    b.add_argument("--resume", action="store_true", help="continue the interrupted run in --out (its plan.json)")
 
     v = sub.add_parser("vae", help="train the autoencoder; writes vae.safetensors")
     _common(v)
-    _stage(v, steps=800, batch=8, lr=1e-3)
+    _stage(v, steps=1800, batch=32, lr=2e-3)
+    v.add_argument("--crop", type=int, default=32, help="train on random CROP x CROP windows; 0: whole images "
+                   "(default: 32)")
     v.add_argument("--kl-weight", type=float, default=1e-6, help="KL weight in LDM's units (default: 1e-6)")
 
     d = sub.add_parser("diffusion", help="train the UNet and text encoder on a trained autoencoder's latents; "
@@ -89,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     if args.stage == "builtin":
         result = train_builtin(out, minutes=args.minutes, seed=args.seed, n_images=args.n_images,
                                vae_steps=args.vae_steps, diffusion_steps=args.steps, prediction=args.prediction,
-                               threads=args.threads, progress=not args.quiet, log=log)
+                               threads=args.threads, resume=args.resume, progress=not args.quiet, log=log)
         print(result.path)
         return 0
 
@@ -98,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     log(f"{args.n_images} scenes (dataset {args.data_seed}) ready; {threads} threads")
     if args.stage == "vae":
         res = train_vae(BUILTIN.vae, data.images, steps=args.steps, batch_size=args.batch, lr=args.lr,
-                        kl_weight=args.kl_weight, seed=args.seed, out_dir=out, checkpoint_every=args.checkpoint_every,
+                        kl_weight=args.kl_weight, crop=args.crop or None, seed=args.seed, out_dir=out, checkpoint_every=args.checkpoint_every,
                         resume_from=_resume(args, VAE_CHECKPOINT), device=args.device,
                         mixed_precision=args.mixed_precision, progress=not args.quiet)
         log(f"latent std {res.latent_std:.5f} -> latent_scale {res.latent_scale:.5f}")
@@ -120,5 +123,7 @@ def run(args: argparse.Namespace) -> int:
         path = export_pipeline(res.spec, res.unet_ema, vae, res.text_encoders_ema, out / MODEL_FILE,
                                metadata={"sfumato.train.steps": str(res.step), "sfumato.train.seed": str(args.seed)})
         print(path)
-    log(f"done in {(time.monotonic() - t0) / 60:.1f} min on {hardware(args.device)}")
+    seconds = time.monotonic() - t0
+    took = f"{seconds:.1f}s" if seconds < 120 else f"{seconds / 60:.1f} min"
+    log(f"done in {took} on {hardware(args.device)}")
     return 0

@@ -12,6 +12,7 @@ frozen latents, scaled to unit variance.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -21,14 +22,28 @@ from pathlib import Path
 import torch
 
 from sfumato.config import BUILTIN, ModelSpec
-from sfumato.errors import InvalidParameterError
+from sfumato.errors import CheckpointError, InvalidParameterError
 from sfumato.models.unet import UNetModel
 from sfumato.models.vae import AutoencoderKL
 from sfumato.text.encoder import CLIPTextEncoder
 from sfumato.text.tokenizer import get_tokenizer
 from sfumato.train.common import hardware, images_grid, set_threads
-from sfumato.train.diffusion_stage import TrainedDiffusion, encode_text, tokenize_captions, train_diffusion
-from sfumato.train.vae_stage import NORM_GROUPS_KEY, TrainedVAE, train_vae, vae_loss
+from sfumato.train.diffusion_stage import (
+    CHECKPOINT,
+    TrainedDiffusion,
+    encode_text,
+    tokenize_captions,
+    train_diffusion,
+)
+from sfumato.train.vae_stage import (
+    NORM_GROUPS_KEY,
+    VAE_CHECKPOINT,
+    VAE_FILE,
+    TrainedVAE,
+    load_trained_vae,
+    train_vae,
+    vae_loss,
+)
 from sfumato.weights import io
 from sfumato.weights.save import single_file_state_dict
 
@@ -110,13 +125,13 @@ def _time_steps(fn: Callable[[], torch.Tensor], params: list[torch.nn.Parameter]
 
 
 def measure_step_times(spec: ModelSpec, *, vae_batch: int, diffusion_batch: int, reps: int = 3,
-                       size: int | None = None) -> dict[str, float]:
+                       size: int | None = None, vae_crop: int | None = None) -> dict[str, float]:
     """Seconds per training step of each stage at ``spec``'s sizes on this machine (throwaway random models,
     random data: the cost does not depend on the values)."""
     size = size or spec.default_size
     g = torch.Generator().manual_seed(0)
     vae = AutoencoderKL(spec.vae)
-    x = torch.rand((vae_batch, 3, size, size), generator=g) * 2 - 1
+    x = torch.rand((vae_batch, 3, vae_crop or size, vae_crop or size), generator=g) * 2 - 1
     vae_s = _time_steps(lambda: vae_loss(vae, x, g, 1e-6, 0.0), list(vae.parameters()), reps)
     unet = UNetModel(spec.unet)
     encoders = [CLIPTextEncoder(te.config) for te in spec.text_encoders]
@@ -139,13 +154,18 @@ def train_builtin(
     seed: int = 0,
     n_images: int = 10000,
     spec: ModelSpec = BUILTIN,
-    vae_batch: int = 8,
+    vae_batch: int = 32,
+    vae_crop: int | None = 32,
+    vae_lr: float = 2e-3,
     diffusion_batch: int = 32,
-    vae_fraction: float = 0.25,
+    diffusion_lr: float = 3e-4,
+    ema_decay: float = 0.995,
+    vae_fraction: float = 0.3,
     vae_steps: int | None = None,
     diffusion_steps: int | None = None,
     prediction: str = "eps",
     threads: int | None = None,
+    resume: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> BuiltinRun:
@@ -155,14 +175,28 @@ def train_builtin(
     Step counts not given are chosen to fill ``minutes`` of wall time on this machine: the step time of
     each stage is measured first, ``vae_fraction`` of the training time goes to the autoencoder and the
     rest to the diffusion model, after reserving time for rendering, latent encoding and export. The
-    chosen counts are logged, so a run can be repeated exactly with them.
+    chosen counts are logged and kept in ``plan.json``, so a run can be repeated exactly with them.
+
+    ``resume`` continues an interrupted run in ``out_dir`` with its ``plan.json``: a finished autoencoder
+    (``vae.safetensors``) is reused, an unfinished one resumes from ``vae_checkpoint.pt``, and the diffusion
+    stage from ``checkpoint.pt``; the result is the one the uninterrupted run would have given.
     """
     from sfumato.train import scenes
 
     t_start = time.monotonic()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    threads = set_threads(threads)
+    plan_file = out / "plan.json"
+    if resume:
+        if not plan_file.is_file():
+            raise CheckpointError(f"{plan_file}: no plan of an earlier run to resume")
+        plan = json.loads(plan_file.read_text())
+        seed, n_images, vae_steps, diffusion_steps = (plan[k] for k in ("seed", "n_images", "vae_steps",
+                                                                         "diffusion_steps"))
+        prediction, vae_batch, diffusion_batch = plan["prediction"], plan["vae_batch"], plan["diffusion_batch"]
+        vae_crop = plan.get("vae_crop")
+        log(f"resuming {out}: {plan}")
+    set_threads(threads)
     log(f"hardware: {hardware()}")
     if spec.vae.ch // spec.vae.norm_groups < 2:
         log(f"warning: the autoencoder's GroupNorm has {spec.vae.norm_groups} groups over {spec.vae.ch} channels, "
@@ -170,7 +204,7 @@ def train_builtin(
     data = scenes.dataset(n_images, seed)
     log(f"{n_images} scenes rendered in {time.monotonic() - t_start:.1f}s")
 
-    step_times = measure_step_times(spec, vae_batch=vae_batch, diffusion_batch=diffusion_batch)
+    step_times = measure_step_times(spec, vae_batch=vae_batch, diffusion_batch=diffusion_batch, vae_crop=vae_crop)
     log(f"step times: autoencoder {step_times['vae']:.2f}s (batch {vae_batch}), diffusion "
         f"{step_times['diffusion']:.2f}s (batch {diffusion_batch})")
     # Reserve what is not training: latent encoding (the encoder's forward pass costs about a sixth of a
@@ -184,15 +218,31 @@ def train_builtin(
         diffusion_steps = max(100, int(left / step_times["diffusion"]))
     log(f"plan: {vae_steps} autoencoder steps, {diffusion_steps} diffusion steps "
         f"(repeat with --vae-steps {vae_steps} --steps {diffusion_steps} --seed {seed})")
+    plan_file.write_text(json.dumps({"seed": seed, "n_images": n_images, "vae_steps": vae_steps,
+                                     "diffusion_steps": diffusion_steps, "prediction": prediction,
+                                     "vae_batch": vae_batch, "vae_crop": vae_crop,
+                                     "diffusion_batch": diffusion_batch}, indent=2) + "\n")
 
-    vae = train_vae(spec.vae, data.images, steps=vae_steps, batch_size=vae_batch, lr=1e-3, seed=seed,
-                    out_dir=out, checkpoint_every=max(100, vae_steps // 4), progress=progress)
-    log(f"autoencoder: {vae_steps} steps in {vae.seconds:.0f}s, final loss {vae.losses[-1]:.4f}; latent std "
-        f"{vae.latent_std:.4f} -> latent_scale {vae.latent_scale:.5f}")
-    dm = train_diffusion(spec, vae.vae, data, steps=diffusion_steps, batch_size=diffusion_batch, lr=3e-4,
+    if resume and (out / VAE_FILE).is_file():
+        trained, scale = load_trained_vae(out / VAE_FILE)
+        assert scale is not None
+        vae = TrainedVAE(vae=trained, latent_std=1.0 / scale, latent_scale=scale, path=out / VAE_FILE)
+        log(f"autoencoder: reusing {out / VAE_FILE}")
+    else:
+        vae_ckpt = out / VAE_CHECKPOINT
+        vae = train_vae(spec.vae, data.images, steps=vae_steps, batch_size=vae_batch, lr=vae_lr, crop=vae_crop,
+                        seed=seed, out_dir=out, checkpoint_every=max(100, vae_steps // 4), progress=progress,
+                        resume_from=vae_ckpt if resume and vae_ckpt.is_file() else None)
+        log(f"autoencoder: {vae_steps} steps, {vae.seconds:.0f}s in this call, final loss {vae.losses[-1]:.4f}; "
+            f"latent std {vae.latent_std:.4f} -> latent_scale {vae.latent_scale:.5f}")
+    ckpt = out / CHECKPOINT
+    dm = train_diffusion(spec, vae.vae, data, steps=diffusion_steps, batch_size=diffusion_batch, lr=diffusion_lr,
+                         ema_decay=ema_decay,
                          prediction=prediction, seed=seed, out_dir=out, latent_scale=vae.latent_scale,
-                         checkpoint_every=max(100, diffusion_steps // 5), progress=progress)
-    log(f"diffusion: {diffusion_steps} steps in {dm.seconds:.0f}s, final loss {sum(dm.losses[-50:]) / len(dm.losses[-50:]):.4f}")
+                         checkpoint_every=max(100, diffusion_steps // 10), progress=progress,
+                         resume_from=ckpt if resume and ckpt.is_file() else None)
+    tail = dm.losses[-50:]
+    log(f"diffusion: {diffusion_steps} steps, {dm.seconds:.0f}s in this call, loss of the last {len(tail)} {sum(tail) / len(tail):.4f}")
     path = export_pipeline(dm.spec, dm.unet_ema, vae.vae, dm.text_encoders_ema, out / MODEL_FILE, metadata={
         "sfumato.train.vae_steps": str(vae_steps), "sfumato.train.steps": str(diffusion_steps),
         "sfumato.train.seed": str(seed), "sfumato.train.n_images": str(n_images)})
@@ -209,6 +259,7 @@ def _save_samples(dm: TrainedDiffusion, vae: AutoencoderKL, path: Path, *, seed:
 
     pipe = Pipeline(spec=dm.spec, unet=dm.unet_ema, vae=vae, text_encoders=list(dm.text_encoders_ema),
                     tokenizer=get_tokenizer())
-    images = [pipe.generate(p, steps=20, cfg_scale=5.0, seed=seed + i).images[0] for i, p in enumerate(SAMPLE_PROMPTS)]
+    images = [pipe.generate(p, steps=20, cfg_scale=5.0, seed=seed + i).images[0]
+              for i, p in enumerate(SAMPLE_PROMPTS)]
     images_grid([images]).save(path)
 

@@ -158,6 +158,7 @@ def train_vae(
     lr: float = 1e-3,
     kl_weight: float = 1e-6,
     l2_weight: float = 0.0,
+    crop: int | None = None,
     warmup: int | None = None,
     weight_decay: float = 0.0,
     max_grad_norm: float = 1.0,
@@ -170,6 +171,7 @@ def train_vae(
     device: str | torch.device = "cpu",
     mixed_precision: str = "no",
     vae: AutoencoderKL | None = None,
+    init_logvar: float | None = -6.0,
     progress: bool = True,
 ) -> TrainedVAE:
     """Train ``AutoencoderKL(cfg)`` (or continue ``vae``) on ``images`` for ``steps`` AdamW steps.
@@ -180,6 +182,12 @@ def train_vae(
     (every ``checkpoint_every`` steps and at the end), ``vae_loss.png`` and ``vae_reconstructions.png``.
     ``resume_from`` continues a ``vae_checkpoint.pt`` bit for bit; ``stop_at`` ends this call after that
     many steps (with a checkpoint) so a run can be split. Deterministic for a ``seed`` on one machine.
+    ``crop`` trains on random ``crop`` x ``crop`` windows (a multiple of the downscale, on the latent grid)
+    instead of whole images: the autoencoder is convolutional and these scenes are local, so a batch of
+    crops sees more distinct content per pixel computed (measured on the built-in scenes: 300 steps of 32
+    crops of 32 px reached eval L1 0.054 where 8 whole 64 px images per step were still at 0.30).
+    A new VAE starts with its posterior log-variance at ``init_logvar`` (None: PyTorch's init); ``vae``
+    continues a given one as it is.
     """
     _check(steps, batch_size, lr, kl_weight, checkpoint_every)
     device = torch.device(device)
@@ -188,12 +196,23 @@ def train_vae(
     if images.shape[2] % cfg.downscale or images.shape[3] % cfg.downscale:
         raise InvalidParameterError(f"image size {images.shape[3]}x{images.shape[2]} is not a multiple of the "
                                     f"VAE's downscale {cfg.downscale}")
+    if crop is not None and not (0 < crop <= min(images.shape[2:]) and crop % cfg.downscale == 0):
+        raise InvalidParameterError(f"crop {crop} must be a positive multiple of the VAE's downscale "
+                                    f"{cfg.downscale} no larger than the images ({images.shape[3]}x{images.shape[2]})")
     warmup = max(1, steps // 20) if warmup is None else warmup
     out = Path(out_dir) if out_dir is not None else None
-    hparams = {"batch_size": batch_size, "seed": seed, "n_images": n}
+    hparams = {"batch_size": batch_size, "seed": seed, "n_images": n, "crop": crop}
 
     torch.manual_seed(seed)
-    model = (vae if vae is not None else AutoencoderKL(cfg)).to(device).float().train().requires_grad_(True)
+    if vae is None:
+        vae = AutoencoderKL(cfg)
+        if init_logvar is not None:
+            # A random encoder's posterior has std ~1, which drowns its small means: the decoder then learns
+            # to ignore the latents before the encoder learns to shrink the noise (LDM's KL weight barely
+            # pulls either way). Starting near-deterministic (std e^-3 = 0.05) avoids that slow start.
+            with torch.no_grad():
+                vae.quant_conv.bias[cfg.embed_dim:].fill_(init_logvar)
+    model = vae.to(device).float().train().requires_grad_(True)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     ema = EMA({"vae": model}, ema_decay) if ema_decay is not None else None
     scaler = GradScaler(device, mixed_precision)
@@ -229,6 +248,8 @@ def train_vae(
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, lr, steps, warmup)
             x = to_float(images[batch_indices(step * batch_size, batch_size, n, seed)]).to(device)
+            if crop is not None:
+                x = _random_crop(x, crop, cfg.downscale, g)
             with autocast(device, mixed_precision):
                 loss = vae_loss(model, x, g, kl_weight, l2_weight)
             opt.zero_grad(set_to_none=True)
@@ -259,6 +280,14 @@ def train_vae(
                                metadata={"sfumato.train.steps": str(step), "sfumato.train.kl_weight": repr(kl_weight)})
         _save_reconstructions(model, images[:8], out / "vae_reconstructions.png")
     return result
+
+
+def _random_crop(x: torch.Tensor, size: int, grid: int, g: torch.Generator) -> torch.Tensor:
+    """One ``size`` x ``size`` window per image, its corner on the ``grid`` (drawn from ``g``)."""
+    h, w = x.shape[2:]
+    rows = torch.randint(0, (h - size) // grid + 1, (len(x),), generator=g) * grid
+    cols = torch.randint(0, (w - size) // grid + 1, (len(x),), generator=g) * grid
+    return torch.stack([img[:, r:r + size, c:c + size] for img, r, c in zip(x, rows.tolist(), cols.tolist())])
 
 
 @torch.no_grad()
