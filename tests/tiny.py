@@ -108,7 +108,8 @@ def build(family: str, folder: Path, seed: int = 0) -> Path:
         pipe = diffusers.StableDiffusionXLImg2ImgPipeline(
             vae=_vae(scaling_factor=0.13025), text_encoder=None, text_encoder_2=_text(act="gelu", projection=64, pad_id=0, layers=3),
             tokenizer=None, tokenizer_2=_tokenizer("!"), unet=sdxl_unet(context=64, pooled=64, n_ids=5),
-            scheduler=_scheduler(), requires_aesthetics_score=True)
+            scheduler=_scheduler(), requires_aesthetics_score=True,
+            force_zeros_for_empty_prompt=False)  # as the released refiner's model_index.json
     else:
         raise ValueError(family)
     pipe.save_pretrained(folder, safe_serialization=True)

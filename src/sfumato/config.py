@@ -152,6 +152,12 @@ class ModelSpec:
     size_conditioning: str | None = None  # "base" (orig size, crop, target) or "refiner" (.., aesthetic)
     concat: str | None = None  # extra UNet input: "inpaint", "depth", "pix2pix", "low_res"
     default_size: int = 512
+    # An empty negative prompt is all zeros (context and pooled) instead of the encoded "": SDXL base as
+    # released (diffusers' force_zeros_for_empty_prompt, AUTOMATIC1111's force_zero_negative_prompt)
+    zero_empty_negative: bool = False
+    # The autoencoder overflows in fp16 (the SDXL VAE; diffusers' force_upcast): decode/encode in fp32
+    # when the pipeline runs in half precision
+    vae_upcast: bool = False
     # Align Your Steps (Sabour et al. 2024): NVIDIA's 10-step schedule for this model, as training
     # timesteps (their published form); the "ays" schedule interpolates it to any step count
     ays_timesteps: tuple[int, ...] = (999, 850, 736, 645, 545, 455, 343, 233, 124, 24, 0)
@@ -240,13 +246,14 @@ PRESETS: dict[str, ModelSpec] = {
                   (_SD2_TEXT,), prediction="v", default_size=768),
         ModelSpec("sd2-unclip-h", replace(_SD2_UNET, adm_in_channels=2048, adm_kind="image"), _VAE,
                   (_SD2_TEXT,), prediction="v", default_size=768),
-        ModelSpec("sdxl", _SDXL_UNET, _VAE, _SDXL_TEXT, latent_scale=0.13025,
-                  size_conditioning="base", default_size=1024, ays_timesteps=_AYS_SDXL),
+        ModelSpec("sdxl", _SDXL_UNET, _VAE, _SDXL_TEXT, latent_scale=0.13025, size_conditioning="base",
+                  default_size=1024, zero_empty_negative=True, vae_upcast=True, ays_timesteps=_AYS_SDXL),
         ModelSpec("sdxl-inpaint", replace(_SDXL_UNET, in_channels=9), _VAE, _SDXL_TEXT,
                   latent_scale=0.13025, size_conditioning="base", concat="inpaint", default_size=1024,
-                  ays_timesteps=_AYS_SDXL),
+                  zero_empty_negative=True, vae_upcast=True, ays_timesteps=_AYS_SDXL),
+        # the refiner's released diffusers config encodes "" (force_zeros_for_empty_prompt: false)
         ModelSpec("sdxl-refiner", _REFINER_UNET, _VAE, _REFINER_TEXT, latent_scale=0.13025,
-                  size_conditioning="refiner", default_size=1024, ays_timesteps=_AYS_SDXL),
+                  size_conditioning="refiner", default_size=1024, vae_upcast=True, ays_timesteps=_AYS_SDXL),
         BUILTIN,
     )
 }

@@ -45,6 +45,20 @@ class GenerationParams:
     inpaint_fill: str = "original"
     inpaint_full_res: bool = False
     inpaint_padding: int = 32
+    # SDXL (diffusers' names and defaults). Sizes are (height, width) as diffusers takes them.
+    prompt_2: str | None = None  # the second text encoder's prompt (None: ``prompt``)
+    negative_prompt_2: str | None = None  # (None: ``negative_prompt``)
+    original_size: tuple[int, int] | None = None  # None: (height, width)
+    crops_coords_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None  # None: (height, width)
+    negative_original_size: tuple[int, int] | None = None  # each negative_* None: its positive value
+    negative_crops_coords_top_left: tuple[int, int] | None = None
+    negative_target_size: tuple[int, int] | None = None
+    aesthetic_score: float = 6.0  # refiner only
+    negative_aesthetic_score: float = 2.5  # refiner only
+    # ensemble of experts: stop at / start from this fraction of the noise schedule (0..1 of 1000 timesteps)
+    denoising_start: float | None = None
+    denoising_end: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # free-form, carried into the metadata
 
     def replace(self, **changes: Any) -> GenerationParams:
@@ -73,6 +87,23 @@ def _float(name: str, value: Any, lo: float | None = None, hi: float | None = No
     v = float(value)
     if v != v or (lo is not None and v < lo) or (hi is not None and v > hi):
         raise InvalidParameterError(f"{name}={value} is out of range: allowed [{lo}, {hi}]")
+    return v
+
+
+def _pair(name: str, value: Any, lo: int) -> tuple[int, int]:
+    if (not isinstance(value, (tuple, list)) or len(value) != 2
+            or any(isinstance(v, bool) or not isinstance(v, int) for v in value)):
+        raise InvalidParameterError(f"{name} must be two integers (height, width), got {value!r}")
+    for v in value:
+        if not lo <= v <= 16384:
+            raise InvalidParameterError(f"{name}={tuple(value)} is out of range: each value in [{lo}, 16384]")
+    return (int(value[0]), int(value[1]))
+
+
+def _fraction(name: str, value: Any) -> float:
+    v = _float(name, value, 0.0, 1.0)
+    if not 0.0 < v < 1.0:
+        raise InvalidParameterError(f"{name}={value} is out of range: allowed strictly between 0 and 1")
     return v
 
 
@@ -117,5 +148,23 @@ def validate(p: GenerationParams, *, size_multiple: int = 8) -> GenerationParams
         raise InvalidParameterError(f"img2img_mode {p.img2img_mode!r} is not one of {', '.join(IMG2IMG_MODES)}")
     if p.inpaint_fill not in INPAINT_FILLS:
         raise InvalidParameterError(f"inpaint_fill {p.inpaint_fill!r} is not one of {', '.join(INPAINT_FILLS)}")
+    for name in ("prompt_2", "negative_prompt_2"):
+        if getattr(p, name) is not None and not isinstance(getattr(p, name), str):
+            raise InvalidParameterError(f"{name} must be a string or None, got {type(getattr(p, name)).__name__}")
+    pairs = {}
+    for name in ("original_size", "target_size", "negative_original_size", "negative_target_size"):
+        if getattr(p, name) is not None:
+            pairs[name] = _pair(name, getattr(p, name), 1)
+    for name in ("crops_coords_top_left", "negative_crops_coords_top_left"):
+        if getattr(p, name) is not None:
+            pairs[name] = _pair(name, getattr(p, name), 0)
+    _float("aesthetic_score", p.aesthetic_score, 0.0, 10.0)
+    _float("negative_aesthetic_score", p.negative_aesthetic_score, 0.0, 10.0)
+    for name in ("denoising_start", "denoising_end"):
+        if getattr(p, name) is not None:
+            _fraction(name, getattr(p, name))
+    if p.denoising_start is not None and p.denoising_end is not None and p.denoising_start >= p.denoising_end:
+        raise InvalidParameterError(f"denoising_start={p.denoising_start} must be below denoising_end="
+                                    f"{p.denoising_end}")
     sampler, schedule = resolve_sampler(p.sampler, p.schedule)
-    return replace(p, sampler=sampler, schedule=schedule, emphasis=p.emphasis.lower())
+    return replace(p, sampler=sampler, schedule=schedule, emphasis=p.emphasis.lower(), **pairs)

@@ -16,6 +16,8 @@ input image, initial noise, then the sampler's own noise), so a seed gives diffu
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import math
 import os
@@ -110,27 +112,36 @@ class Pipeline:
 
     def generate(self, prompt: str = "", negative_prompt: str = "", *, width: int | None = None,
                  height: int | None = None, latents: torch.Tensor | None = None,
-                 callback: Callable | None = None, **kw: Any) -> GenerationResult:
-        """Text to image. ``latents``: initial noise (B, C, H/8, W/8) instead of drawing it from the seed."""
+                 callback: Callable | None = None, refiner: Pipeline | None = None,
+                 refiner_switch_at: float | None = None, **kw: Any) -> GenerationResult:
+        """Text to image. ``latents``: initial noise (B, C, H/8, W/8) instead of drawing it from the seed.
+
+        ``refiner``: a second expert (the SDXL refiner) takes over the latents at ``refiner_switch_at``
+        of the noise schedule (default 0.8; AUTOMATIC1111's "Refiner switch at", diffusers'
+        ``denoising_end`` / ``denoising_start``), without decoding in between."""
         p = self._params(prompt, negative_prompt, width, height, kw)
-        return run(self, p, latents=latents, callback=callback)
+        return run_experts(self, p, refiner=refiner, switch=refiner_switch_at, latents=latents, callback=callback)
 
     def img2img(self, image: Image.Image, prompt: str = "", negative_prompt: str = "", *,
                 strength: float = 0.75, width: int | None = None, height: int | None = None,
-                callback: Callable | None = None, **kw: Any) -> GenerationResult:
+                callback: Callable | None = None, refiner: Pipeline | None = None,
+                refiner_switch_at: float | None = None, **kw: Any) -> GenerationResult:
         """Image to image: the input is encoded, noised to ``strength`` and denoised (diffusers' semantics:
-        ``int(steps * strength)`` of the ``steps``-step schedule are run)."""
+        ``int(steps * strength)`` of the ``steps``-step schedule are run). ``refiner``: as in
+        :meth:`generate`."""
         image = imageops.to_rgb(image)
         width, height = self._size_from(image, width, height)
         p = self._params(prompt, negative_prompt, width, height, {**kw, "strength": strength})
-        return run(self, p, image=image, callback=callback)
+        return run_experts(self, p, refiner=refiner, switch=refiner_switch_at, image=image, callback=callback)
 
     def inpaint(self, image: Image.Image, mask: Image.Image, prompt: str = "", negative_prompt: str = "", *,
                 strength: float = 1.0, mask_blur: int = 4, fill: str = "original", inpaint_full_res: bool = False,
                 padding: int = 32, width: int | None = None, height: int | None = None,
-                callback: Callable | None = None, **kw: Any) -> GenerationResult:
+                callback: Callable | None = None, refiner: Pipeline | None = None,
+                refiner_switch_at: float | None = None, **kw: Any) -> GenerationResult:
         """Repaint the white part of ``mask``. A 9-channel inpainting model is used as such; any other model
-        inpaints by blending the known latents back after every step."""
+        inpaints by blending the known latents back after every step. ``refiner``: as in :meth:`generate`
+        (the refiner keeps blending the known area)."""
         image = imageops.to_rgb(image)
         if not isinstance(mask, Image.Image):
             raise InvalidParameterError(f"mask must be a PIL image, got {type(mask).__name__}")
@@ -141,9 +152,10 @@ class Pipeline:
         p = self._params(prompt, negative_prompt, width, height,
                          {**kw, "strength": strength, "mask_blur": mask_blur, "inpaint_fill": fill,
                           "inpaint_full_res": inpaint_full_res, "inpaint_padding": padding})
+        experts = {"refiner": refiner, "switch": refiner_switch_at}
         if inpaint_full_res:
-            return _inpaint_full_res(self, p, image, mask, callback)
-        return run(self, p, image=image, mask=mask, callback=callback)
+            return _inpaint_full_res(self, p, image, mask, callback, experts)
+        return run_experts(self, p, **experts, image=image, mask=mask, callback=callback)
 
     def outpaint(self, image: Image.Image, prompt: str = "", negative_prompt: str = "", *, left: int = 0,
                  right: int = 0, up: int = 0, down: int = 0, **kw: Any) -> GenerationResult:
@@ -187,30 +199,69 @@ class _Conds:
 
 
 def conditioning(pipe: Pipeline, p: GenerationParams) -> _Conds:
-    """Encode the prompt (AND parts, prompt editing and alternation per step) and the negative prompt."""
-    cache: dict[str, Conditioning] = {}
+    """Encode the prompt (AND parts, prompt editing and alternation per step) and the negative prompt.
 
-    def encode(text: str) -> Conditioning:
-        if text not in cache:
-            cache[text] = encode_prompt(pipe.text_encoders, pipe.spec.text_encoders, pipe.tokenizer, text,
-                                        clip_skip=p.clip_skip, emphasis=p.emphasis)
-        return cache[text]
+    SDXL's ``prompt_2`` goes to the second encoder: it has either one AND part (shared by every part of
+    ``prompt``) or as many as ``prompt``, and its own prompt-editing schedule, merged step by step with
+    ``prompt``'s. An empty negative prompt is all zeros where the spec says so (``zero_empty_negative``).
+    """
+    cache: dict[tuple[str, str | None], Conditioning] = {}
 
-    def schedule(text: str) -> list[tuple[int, Conditioning]]:
-        return [(end, encode(t)) for end, t in get_prompt_schedule(text, p.steps)]
+    def encode(texts: tuple[str, str | None]) -> Conditioning:
+        if texts not in cache:
+            cache[texts] = encode_prompt(pipe.text_encoders, pipe.spec.text_encoders, pipe.tokenizer, texts[0],
+                                         text_2=texts[1], clip_skip=p.clip_skip, emphasis=p.emphasis)
+        return cache[texts]
 
-    parts = [(w, schedule(t)) for t, w in split_and(p.prompt)]
-    return _Conds(parts=parts, negative=schedule(p.negative_prompt))
+    def schedule(text: str, text_2: str | None) -> list[tuple[int, Conditioning]]:
+        first = get_prompt_schedule(text, p.steps)
+        if text_2 is None:
+            return [(end, encode((t, None))) for end, t in first]
+        second = get_prompt_schedule(text_2, p.steps)
+        ends = sorted({end for end, _ in first} | {end for end, _ in second})
+        return [(end, encode((_text_at(first, end), _text_at(second, end)))) for end in ends]
+
+    parts_1 = split_and(p.prompt)
+    parts_2 = split_and(p.prompt_2) if p.prompt_2 is not None else None
+    if parts_2 is not None and len(parts_2) not in (1, len(parts_1)):
+        raise InvalidParameterError(f"prompt_2 has {len(parts_2)} AND parts and prompt has {len(parts_1)}; "
+                                    "prompt_2 needs one part or as many as prompt")
+    parts = [(w, schedule(t, None if parts_2 is None else parts_2[min(i, len(parts_2) - 1)][0]))
+             for i, (t, w) in enumerate(parts_1)]
+    if pipe.spec.zero_empty_negative and p.negative_prompt == "" and not p.negative_prompt_2:
+        longest = max((c for _, sched in parts for _, c in sched), key=lambda c: c.context.shape[1])
+        zero = Conditioning(context=torch.zeros_like(longest.context),
+                            pooled=None if longest.pooled is None else torch.zeros_like(longest.pooled))
+        return _Conds(parts=parts, negative=[(p.steps, zero)])
+    return _Conds(parts=parts, negative=schedule(p.negative_prompt, p.negative_prompt_2))
 
 
-def _size_vector(pipe: Pipeline, cond: Conditioning, p: GenerationParams, batch: int) -> torch.Tensor | None:
-    """The ADM vector ``y``: SDXL's pooled text embedding + Fourier-embedded size/crop conditioning."""
+def _text_at(schedule: list[tuple[int, str]], end: int) -> str:
+    """The text a prompt schedule uses for the step that ends at ``end`` (steps count from 1)."""
+    return next(t for e, t in schedule if end <= e)
+
+
+def _size_vector(pipe: Pipeline, cond: Conditioning, p: GenerationParams, batch: int, *,
+                 negative: bool) -> torch.Tensor | None:
+    """The ADM vector ``y``: SDXL's pooled text embedding + Fourier-embedded micro-conditioning.
+
+    Base: (original size, crop top-left, target size); refiner: (original size, crop, aesthetic score),
+    each a (height, width) / (top, left) pair as diffusers orders them, defaulting to the output size and
+    (0, 0). The negative half uses the ``negative_*`` values, each defaulting to its positive one.
+    (diffusers differs in corner cases: its txt2img uses the negative sizes only when both are given and
+    then defaults the negative crop to (0, 0); its img2img/inpaint base ignores ``negative_crops``.)
+    """
     if pipe.spec.unet.adm_kind != "text_time":
         return None
-    if pipe.spec.size_conditioning == "refiner":
-        ids = [p.height, p.width, 0, 0, p.extra.get("aesthetic_score", 6.0)]
-    else:
-        ids = [p.height, p.width, 0, 0, p.height, p.width]
+    size = (p.height, p.width)
+    original, crop, target = p.original_size or size, p.crops_coords_top_left, p.target_size or size
+    score = p.aesthetic_score
+    if negative:
+        original = p.negative_original_size or original
+        crop = p.negative_crops_coords_top_left or crop
+        target = p.negative_target_size or target
+        score = p.negative_aesthetic_score
+    ids = [*original, *crop, score] if pipe.spec.size_conditioning == "refiner" else [*original, *crop, *target]
     t = torch.tensor(ids, dtype=torch.float32, device=cond.context.device)
     emb = timestep_embedding(t, 256).reshape(1, -1).to(cond.pooled.dtype)
     return torch.cat([cond.pooled, emb], dim=1).expand(batch, -1)
@@ -238,7 +289,7 @@ def guided_model(pipe: Pipeline, conds: _Conds, p: GenerationParams, state: dict
                                                       "", clip_skip=p.clip_skip, emphasis=p.emphasis))
         n = len(cs)
         context = torch.cat([c.context.expand(b, -1, -1) for c in cs]).to(dtype)
-        ys = [_size_vector(pipe, c, p, b) for c in cs]
+        ys = [_size_vector(pipe, c, p, b, negative=use_uncond and i == 0) for i, c in enumerate(cs)]
         y = None if ys[0] is None else torch.cat(ys).to(dtype)
         xs = x_in.repeat(n, 1, 1, 1)
         if concat is not None:
@@ -290,27 +341,84 @@ def _slerp(val: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
 
 def encode_image(pipe: Pipeline, image: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Pixels in [-1, 1] -> scaled latents, sampling the posterior with ``g`` as diffusers does."""
-    posterior = pipe.vae.encode(image.to(pipe.device, pipe.vae.encoder.conv_in.weight.dtype))
-    z = posterior.sample(generator=g).float()
+    with _vae_precision(pipe, upcast=pipe.spec.vae_upcast) as dtype:
+        posterior = pipe.vae.encode(image.to(pipe.device, dtype))
+        z = posterior.sample(generator=g).float()
     return (z - pipe.spec.latent_shift) * pipe.spec.latent_scale
 
 
 def decode(pipe: Pipeline, latents: torch.Tensor) -> list[Image.Image]:
+    """Scaled latents -> images. A half-precision autoencoder that overflows (non-finite pixels) decodes
+    again in fp32, with a warning the first time; one the spec marks (``vae_upcast``) decodes in fp32."""
     z = latents / pipe.spec.latent_scale + pipe.spec.latent_shift
-    return imageops.tensor_to_images(pipe.vae.decode(z.to(pipe.vae.decoder.conv_in.weight.dtype)))
+    with _vae_precision(pipe, upcast=pipe.spec.vae_upcast) as dtype:
+        pixels = pipe.vae.decode(z.to(pipe.device, dtype))
+    if not torch.isfinite(pixels).all() and dtype != torch.float32:
+        _warn_once("vae-overflow", f"the autoencoder overflowed in {dtype} (non-finite pixels); decoding in "
+                   "float32 (pass an fp16-safe VAE with vae= to avoid the retry)")
+        with _vae_precision(pipe, upcast=True) as dtype:
+            pixels = pipe.vae.decode(z.to(pipe.device, dtype))
+    return imageops.tensor_to_images(pixels)
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    import logging
+
+    if key not in _WARNED:
+        _WARNED.add(key)
+        logging.getLogger("sfumato").warning(message)
+
+
+@contextlib.contextmanager
+def _vae_precision(pipe: Pipeline, *, upcast: bool):
+    """Run the autoencoder in its own dtype, or in float32 for the block when ``upcast`` (cast back after)."""
+    vae = pipe.vae
+    dtype = vae.decoder.conv_in.weight.dtype
+    if not upcast or dtype == torch.float32:
+        yield dtype
+        return
+    vae.float()
+    try:
+        yield torch.float32
+    finally:
+        vae.to(dtype)
+
+
+@dataclass
+class Handoff:
+    """Latents a first expert stopped at (``denoising_end``), for the next one (``denoising_start``): the
+    sample at the sigma where the schedule was cut, with the generator the run drew from."""
+
+    latents: torch.Tensor
+    generator: torch.Generator
+    params: GenerationParams
+    seed: int
 
 
 def run(pipe: Pipeline, p: GenerationParams, *, image: Image.Image | None = None, mask: Image.Image | None = None,
-        latents: torch.Tensor | None = None, callback: Callable | None = None) -> GenerationResult:
-    """The spine for every mode: txt2img (no image), img2img (image), inpainting (image + mask)."""
-    from sfumato.sampling import SAMPLERS, discrete_schedule, get_sigmas, make_denoiser
+        latents: torch.Tensor | None = None, callback: Callable | None = None,
+        generator: torch.Generator | None = None, handoff: torch.Tensor | None = None,
+        output: str = "images") -> GenerationResult | Handoff:
+    """The spine for every mode: txt2img (no image), img2img (image), inpainting (image + mask).
+
+    Ensemble of experts (SDXL base -> refiner): ``p.denoising_end`` stops at that fraction of the noise
+    schedule and, with ``output="latents"``, returns a :class:`Handoff` instead of decoding;
+    ``p.denoising_start`` starts there, from ``handoff`` latents as they are (no noise added, no image
+    encoded, ``strength`` unused), drawing from ``generator`` where the first expert left it.
+    """
+    from sfumato.sampling import SAMPLERS, discrete_schedule, get_sigmas, make_denoiser, split_for_experts
 
     spec, info = pipe.spec, SAMPLERS[p.sampler]
     seed = _seed(p)
     p = p.replace(seed=seed)
     if p.subseed_strength > 0 and (p.subseed is None or p.subseed < 0):
         p = p.replace(subseed=secrets.randbelow(2**32))  # recorded, so the image can be made again
-    g = torch.Generator("cpu").manual_seed(seed)
+    if handoff is not None and p.denoising_start is None:
+        raise InvalidParameterError("handoff latents need denoising_start (where the first expert stopped)")
+    g = generator if generator is not None else torch.Generator("cpu").manual_seed(seed)
     b, f = p.batch_size, spec.vae.downscale
     shape = (b, spec.unet.out_channels, p.height // f, p.width // f)
 
@@ -318,8 +426,13 @@ def run(pipe: Pipeline, p: GenerationParams, *, image: Image.Image | None = None
         conds = conditioning(pipe, p)
         discrete = discrete_schedule(spec.schedule)
         sigmas = get_sigmas(p.schedule, p.steps, discrete, sampler=info, ays_timesteps=spec.ays_timesteps).float()
-        start = _img2img_start(p) if image is not None else 0
+        if p.denoising_start is not None:
+            start = len(sigmas) - len(split_for_experts(sigmas, discrete, start=p.denoising_start))
+        else:
+            start = _img2img_start(p) if image is not None else 0
         sigmas = sigmas[start:]
+        if p.denoising_end is not None:
+            sigmas = split_for_experts(sigmas, discrete, end=p.denoising_end)
 
         pixels = imageops.image_to_tensor(image, p.width, p.height) if image is not None else None
         pmask = imageops.mask_to_tensor(mask, p.width, p.height, blur=p.mask_blur) if mask is not None else None
@@ -328,8 +441,13 @@ def run(pipe: Pipeline, p: GenerationParams, *, image: Image.Image | None = None
         blend = pmask is not None and spec.concat != "inpaint"  # a normal model inpaints by latent blending
         from_noise = image is None or (pmask is not None and start == 0)  # diffusers' is_strength_max
         # Draw order as diffusers: image latents, initial noise, masked-image latents, then the sampler's noise.
-        init = encode_image(pipe, pixels, g) if pixels is not None and (blend or not from_noise) else None
-        noise = _noise(shape, seed, p, g) if latents is None else latents.float().cpu()
+        init = (encode_image(pipe, pixels, g)
+                if pixels is not None and (blend or (not from_noise and handoff is None)) else None)
+        if handoff is not None:
+            # the hand-off is already noisy; a blended inpaint still needs noise for the known area
+            noise = torch.randn(shape, generator=g) if blend else None
+        else:
+            noise = _noise(shape, seed, p, g) if latents is None else latents.float().cpu()
         concat = None
         lmask = imageops.latent_mask(pmask, f) if pmask is not None else None
         if pmask is not None:
@@ -345,18 +463,20 @@ def run(pipe: Pipeline, p: GenerationParams, *, image: Image.Image | None = None
             return _result(pipe, p, decode(pipe, init.expand(b, -1, -1, -1)), seed, inpaint=mask is not None)
 
         sigma0 = float(sigmas[0])
-        if from_noise:
+        if handoff is not None:
+            x = handoff.float()
+        elif from_noise:
             x = noise * (math.sqrt(sigma0**2 + 1) if info.vp_init or p.schedule == "leading" else sigma0)
         else:
             x = init + noise * sigma0
         x = x.to(pipe.device)
 
-        state = {"step": 0}
+        state = {"step": start}  # prompt schedules count the steps of the whole schedule
         den = make_denoiser(guided_model(pipe, conds, p, state, concat), discrete, spec.prediction)
         blend_mask = lmask.to(pipe.device) if blend else None
 
         def on_step(s) -> None:
-            state["step"] = s.i + 1
+            state["step"] = start + s.i + 1
             if blend_mask is not None:
                 nxt = sigmas[s.i + 1] if s.i + 1 < len(sigmas) else 0.0
                 known = init.to(s.x.device) + noise.to(s.x.device) * (float(nxt) if s.i + 1 < len(sigmas) - 1 else 0.0)
@@ -368,12 +488,63 @@ def run(pipe: Pipeline, p: GenerationParams, *, image: Image.Image | None = None
                                    "s_noise": p.s_noise, "discrete": discrete, "prediction": spec.prediction}.items()
                  if k in info.knobs and v is not None}
         x = info.fn(den, x, sigmas.to(pipe.device), generator=g, callback=on_step, **knobs)
+        if output == "latents":
+            return Handoff(latents=x, generator=g, params=p, seed=seed)
         x = x / math.sqrt(1 + float(sigmas[-1]) ** 2)
         images = decode(pipe, x)
         if pmask is not None and p.mask_blur > 0:
             images = [Image.composite(im, image.resize(im.size), mask.convert("L").resize(im.size).filter(
                 imageops.ImageFilter.GaussianBlur(p.mask_blur))) for im in images]
     return _result(pipe, p, images, seed, inpaint=mask is not None)
+
+
+def run_experts(pipe: Pipeline, p: GenerationParams, *, refiner: Pipeline | None, switch: float | None,
+                **kw: Any) -> GenerationResult:
+    """:func:`run`, or with a ``refiner``: the base runs to ``switch`` of the noise schedule and hands its
+    latents (not decoded) and generator to the refiner, which runs the rest with its own conditioning.
+
+    The result carries the base's parameters and AUTOMATIC1111's "Refiner" and "Refiner switch at"."""
+    if refiner is None:
+        if switch is not None:
+            raise InvalidParameterError("refiner_switch_at needs a refiner")
+        return run(pipe, p, **kw)
+    if not isinstance(refiner, Pipeline):
+        raise InvalidParameterError(f"refiner must be a loaded Pipeline (sfumato.load), got {type(refiner).__name__}")
+    switch = 0.8 if switch is None else switch
+    if isinstance(switch, bool) or not isinstance(switch, (int, float)) or not 0.0 < switch < 1.0:
+        raise InvalidParameterError(f"refiner_switch_at={switch!r} is out of range: allowed strictly between 0 and 1")
+    a, b = pipe.spec, refiner.spec
+    if (a.unet.out_channels, a.latent_scale, a.latent_shift, a.schedule) != (
+            b.unet.out_channels, b.latent_scale, b.latent_shift, b.schedule):
+        raise InvalidParameterError(f"the refiner ({b.family}) works in another latent space or noise schedule "
+                                    f"than the model ({a.family}); it cannot take over its latents")
+    if p.denoising_start is not None or p.denoising_end is not None:
+        raise InvalidParameterError("with a refiner, give refiner_switch_at instead of denoising_start/denoising_end")
+    callback = kw.pop("callback", None)
+    latents = kw.pop("latents", None)
+
+    def report(offset: int) -> Callable | None:
+        if callback is None:
+            return None
+        return lambda s: callback(dataclasses.replace(s, i=s.i + offset, total=p.steps))
+
+    first = run(pipe, p.replace(denoising_end=switch), latents=latents, callback=report(0), output="latents", **kw)
+    rp = validate(first.params.replace(denoising_start=switch, denoising_end=None),
+                  size_multiple=refiner.spec.vae.downscale)
+    done = p.steps - len(_expert_sigmas(refiner, rp)) + 1
+    res = run(refiner, rp, handoff=first.latents, generator=first.generator, callback=report(done), **kw)
+    refiner_label = refiner.model_name + (f" [{refiner.model_hash()}]" if refiner.model_hash() else "")
+    return _result(pipe, first.params, res.images, first.seed, inpaint=kw.get("mask") is not None,
+                   extra={"Refiner": refiner_label, "Refiner switch at": switch})
+
+
+def _expert_sigmas(pipe: Pipeline, p: GenerationParams) -> torch.Tensor:
+    from sfumato.sampling import SAMPLERS, discrete_schedule, get_sigmas, split_for_experts
+
+    discrete = discrete_schedule(pipe.spec.schedule)
+    sigmas = get_sigmas(p.schedule, p.steps, discrete, sampler=SAMPLERS[p.sampler],
+                        ays_timesteps=pipe.spec.ays_timesteps)
+    return split_for_experts(sigmas, discrete, start=p.denoising_start)
 
 
 def _img2img_start(p: GenerationParams) -> int:
@@ -388,27 +559,29 @@ def _img2img_start(p: GenerationParams) -> int:
 
 
 def _result(pipe: Pipeline, p: GenerationParams, images: list[Image.Image], seed: int, *,
-            inpaint: bool) -> GenerationResult:
+            inpaint: bool, extra: dict[str, Any] | None = None) -> GenerationResult:
     """Every image of a batch comes from the one seed's noise stream: image i is reproduced by the same
     seed and batch size (its infotext says "Batch size" and "Batch pos", as AUTOMATIC1111 writes them)."""
     from sfumato.metadata import infotext
 
     n = len(images)
     texts = [infotext(p, seed=seed, model_name=pipe.model_name, model_hash=pipe.model_hash(), inpaint=inpaint,
-                      extra={"Batch size": n, "Batch pos": i} if n > 1 else {}) for i in range(n)]
+                      extra={**(extra or {}), **({"Batch size": n, "Batch pos": i} if n > 1 else {})})
+             for i in range(n)]
     return GenerationResult(images=images, params=p, seeds=[seed] * n, infotexts=texts)
 
 
 def _inpaint_full_res(pipe: Pipeline, p: GenerationParams, image: Image.Image, mask: Image.Image,
-                      callback: Callable | None) -> GenerationResult:
+                      callback: Callable | None, experts: dict[str, Any]) -> GenerationResult:
     """AUTOMATIC1111's "inpaint at full resolution": inpaint the mask's region at the output size, then
     paste it back into the untouched original through the (blurred) mask."""
     box = imageops.mask_bbox(mask, p.inpaint_padding, p.width, p.height)
     if box is None:
         raise InvalidParameterError("the mask is empty (all black): nothing to inpaint")
     crop, crop_mask = image.crop(box), mask.crop(box)
-    res = run(pipe, p.replace(inpaint_full_res=False), image=crop.resize((p.width, p.height), Image.LANCZOS),
-              mask=crop_mask.resize((p.width, p.height), Image.LANCZOS), callback=callback)
+    res = run_experts(pipe, p.replace(inpaint_full_res=False), **experts,
+                      image=crop.resize((p.width, p.height), Image.LANCZOS),
+                      mask=crop_mask.resize((p.width, p.height), Image.LANCZOS), callback=callback)
     paste_mask = mask.convert("L")
     if p.mask_blur > 0:
         paste_mask = paste_mask.filter(imageops.ImageFilter.GaussianBlur(p.mask_blur))

@@ -21,6 +21,7 @@ from sfumato.sampling.schedules import (
     SCHEDULE_LABELS,
     DiscreteSchedule,
     discrete_schedule,
+    split_for_experts,
 )
 from sfumato.sampling.schedules import SCHEDULES as _BASE_SCHEDULES
 
@@ -36,6 +37,7 @@ __all__ = [
     "make_denoiser",
     "resolve_sampler",
     "resolve_schedule",
+    "split_for_experts",
 ]
 
 SAMPLERS: dict[str, SamplerInfo] = {**samplers.SAMPLERS, **ancestral.SAMPLERS, **multistep.SAMPLERS}

@@ -357,3 +357,34 @@ SCHEDULE_LABELS: dict[str, str] = {
     "ddim": "leading",
     "ddim_uniform": "leading",
 }
+
+
+def split_for_experts(sigmas: torch.Tensor, discrete: DiscreteSchedule, *, start: float | None = None,
+                      end: float | None = None) -> torch.Tensor:
+    """The part of a ``steps + 1`` sigma schedule one expert of an ensemble runs (SDXL base -> refiner).
+
+    diffusers' ``denoising_end`` / ``denoising_start``: with ``T`` training timesteps, the cutoff is
+    ``round(T - fraction * T)``; ``end`` keeps the steps whose timestep is ``>= cutoff`` (the base's high
+    noise), ``start`` the steps below it (the refiner's). The timestep of a step is its first sigma's, as
+    ``sigma_to_t`` maps it. The kept sigmas include the one the last kept step ends at, so the base hands
+    over its latents at exactly the sigma the refiner starts from.
+    """
+    n_train = discrete.num_timesteps
+    t = discrete.sigma_to_t(sigmas[:-1].double())
+    out = sigmas
+    if start is not None:
+        cutoff = int(round(n_train - start * n_train))
+        below = int((t < cutoff).sum())
+        if below == 0:
+            raise InvalidParameterError(f"denoising_start={start} leaves no step of {len(sigmas) - 1} "
+                                        f"(every timestep is at or above {cutoff}); use a smaller value")
+        out = sigmas[len(sigmas) - 1 - below:]
+    if end is not None:
+        cutoff = int(round(n_train - end * n_train))
+        t_out = discrete.sigma_to_t(out[:-1].double())
+        above = int((t_out >= cutoff).sum())
+        if above == 0:
+            raise InvalidParameterError(f"denoising_end={end} leaves no step of {len(out) - 1} "
+                                        f"(every timestep is below {cutoff}); use a larger value")
+        out = out[:above + 1]
+    return out

@@ -112,14 +112,19 @@ def encode_prompts(
     tokenizer: CLIPTokenizer,
     texts: Sequence[str],
     *,
+    texts_2: Sequence[str] | None = None,
     clip_skip: int = 1,
     emphasis: str = "original",
 ) -> Conditioning:
     """Encode prompts as one A1111 batch -> ``Conditioning`` with context (B, 77 * k, D).
 
-    ``k`` is the largest chunk count; shorter prompts get the empty prompt's chunk in the missing places,
-    and emphasis restores the mean over the whole batch, as A1111 does for the prompts of one schedule.
-    ``clip_skip`` counts as A1111 does (1 = the spec's layer, 2 = one earlier) and applies to every encoder.
+    ``texts_2`` (SDXL's ``prompt_2``) goes to the second and later encoders instead of ``texts``; the
+    first encoder always reads ``texts``, so a one-encoder model (the SDXL refiner) ignores it, as
+    diffusers does. ``k`` is the largest chunk count over every prompt and encoder; shorter prompts get
+    the empty prompt's chunk in the missing places, so the encoders' chunks stay aligned when they are
+    joined along the features. Emphasis restores the mean over the whole batch, as A1111 does for the
+    prompts of one schedule. ``clip_skip`` counts as A1111 does (1 = the spec's layer, 2 = one earlier)
+    and applies to every encoder.
     """
     if len(text_encoders) != len(specs) or not specs:
         raise ValueError(f"{len(text_encoders)} text encoders for {len(specs)} specs: need one per spec, at least one")
@@ -127,19 +132,22 @@ def encode_prompts(
         raise InvalidParameterError(f"emphasis {emphasis!r} is not one of {', '.join(EMPHASIS_MODES)}")
     if not texts:
         raise ValueError("encode_prompts needs at least one prompt")
+    if texts_2 is not None and len(texts_2) != len(texts):
+        raise ValueError(f"{len(texts_2)} second prompts for {len(texts)} prompts")
 
+    per_encoder = [texts if i == 0 or texts_2 is None else texts_2 for i in range(len(specs))]
+    chunked = [[tokenize_chunks(tokenizer, t, pad_id=spec.pad_id) for t in ts] for ts, spec in zip(per_encoder, specs)]
+    k_max = max(len(c) for chunks in chunked for c in chunks)
     contexts: list[torch.Tensor] = []
     pooled: torch.Tensor | None = None
-    for encoder, spec in zip(text_encoders, specs):
+    for encoder, spec, chunks in zip(text_encoders, specs, chunked):
         try:
             layer = resolve_layer(spec.layer, len(encoder.text_model.encoder.layers), clip_skip)
         except ValueError as e:
             raise InvalidParameterError(str(e)) from None
-        # Only the padding id differs between the encoders, so every encoder gets the same chunk count.
-        chunks = [tokenize_chunks(tokenizer, t, pad_id=spec.pad_id) for t in texts]
         empty = tokenize_chunks(tokenizer, "", pad_id=spec.pad_id)[0]
         zs = []
-        for k in range(max(len(c) for c in chunks)):
+        for k in range(k_max):
             batch = [c[k] if k < len(c) else empty for c in chunks]
             z, pool = _encode_chunks(encoder, spec, batch, layer=layer, emphasis=emphasis)
             zs.append(z)
@@ -155,8 +163,11 @@ def encode_prompt(
     tokenizer: CLIPTokenizer,
     text: str,
     *,
+    text_2: str | None = None,
     clip_skip: int = 1,
     emphasis: str = "original",
 ) -> Conditioning:
-    """One prompt -> ``Conditioning`` with context (1, 77 * k, D) and pooled (1, P) or None."""
-    return encode_prompts(text_encoders, specs, tokenizer, [text], clip_skip=clip_skip, emphasis=emphasis)
+    """One prompt (and its ``text_2`` for the second encoder) -> ``Conditioning`` with context
+    (1, 77 * k, D) and pooled (1, P) or None."""
+    return encode_prompts(text_encoders, specs, tokenizer, [text], texts_2=None if text_2 is None else [text_2],
+                          clip_skip=clip_skip, emphasis=emphasis)

@@ -225,7 +225,8 @@ def vae_config_from_diffusers(d: Mapping) -> VAEConfig:
 
 
 def vae_config_to_diffusers(
-    cfg: VAEConfig, *, scaling_factor: float, shift_factor: float | None = None, sample_size: int = 512
+    cfg: VAEConfig, *, scaling_factor: float, shift_factor: float | None = None, sample_size: int = 512,
+    force_upcast: bool = True,
 ) -> dict:
     """``VAEConfig`` -> a ``config.json`` dict diffusers' ``AutoencoderKL.from_config`` accepts.
 
@@ -250,7 +251,7 @@ def vae_config_to_diffusers(
         "sample_size": sample_size,
         "scaling_factor": scaling_factor,
         "shift_factor": shift_factor,
-        "force_upcast": True,
+        "force_upcast": force_upcast,
     }
 
 

@@ -157,13 +157,18 @@ def load(
     prediction: str | None = None,
     vae: str | os.PathLike | None = None,
     use_ema: bool = True,
+    share=None,
 ):
     """Load a Stable Diffusion checkpoint into a :class:`sfumato.pipeline.Pipeline`.
 
     ``path``: an original single file (``.safetensors``; ``.ckpt``/``.pt`` through a restricted unpickler)
     or a diffusers folder (``model_index.json`` + component folders). ``prediction``: "eps" or "v", for
     SD 2.x files whose keys cannot tell. ``vae``: a separate autoencoder file or folder replacing the
-    checkpoint's own (e.g. the ft-MSE VAE). ``use_ema``: take the EMA weights of a training checkpoint.
+    checkpoint's own (e.g. the ft-MSE VAE, or the fp16-fix SDXL VAE: a replaced VAE is trusted in half
+    precision unless its diffusers config says ``force_upcast``; an overflow still falls back to fp32).
+    ``use_ema``: take the EMA weights of a training checkpoint. ``share``: a loaded pipeline whose
+    autoencoder and text encoders this one reuses where the weights are equal (the SDXL refiner and its
+    base share the bigG encoder and the VAE), so they are held in memory once.
     """
     from sfumato.pipeline import Pipeline
 
@@ -182,9 +187,37 @@ def load(
                                                                   use_ema=use_ema)
     if vae is not None:
         vae_model = load_vae(vae, dtype=dtype)
+        vae_json = Path(vae) / "config.json"
+        spec = replace(spec, vae_upcast=spec.vae_upcast and vae_json.is_file()
+                       and bool(_read_json(vae_json).get("force_upcast", False)))
     pipe = Pipeline(spec=spec, unet=unet, vae=vae_model, text_encoders=encoders,
-                    tokenizer=get_tokenizer(), source=path, ema=ema)
-    return pipe.to(device)
+                    tokenizer=get_tokenizer(), source=path, ema=ema).to(device)
+    if share is not None:
+        share_modules(pipe, share)
+    return pipe
+
+
+def share_modules(pipe, other) -> None:
+    """Make ``pipe`` use ``other``'s autoencoder and text encoders where config, dtype, device and every
+    weight are equal (the originals are dropped). The UNets are never shared."""
+    from sfumato.pipeline import Pipeline
+
+    if not isinstance(other, Pipeline):
+        raise InvalidParameterError(f"share must be a loaded Pipeline, got {type(other).__name__}")
+
+    def same(a: nn.Module, b: nn.Module) -> bool:
+        if a.cfg != b.cfg:
+            return False
+        sa, sb = a.state_dict(), b.state_dict()
+        return sa.keys() == sb.keys() and all(
+            sa[k].dtype == sb[k].dtype and sa[k].device == sb[k].device and torch.equal(sa[k], sb[k]) for k in sa)
+
+    if same(pipe.vae, other.vae):
+        pipe.vae = other.vae
+    for i, enc in enumerate(pipe.text_encoders):
+        match = next((o for o in other.text_encoders if same(enc, o)), None)
+        if match is not None:
+            pipe.text_encoders[i] = match
 
 
 def _load_single_file(path: Path, *, dtype: torch.dtype, prediction: str | None, use_ema: bool):
@@ -298,7 +331,10 @@ def _load_diffusers(folder: Path, *, dtype: torch.dtype, prediction: str | None)
                           for te, cfg, name in zip(spec.text_encoders, text_cfgs, text_names))
     spec = replace(spec, unet=replace(unet_cfg, adm_kind=spec.unet.adm_kind), vae=vae_cfg,
                    text_encoders=encoders_spec,
-                   latent_scale=float(vae_json.get("scaling_factor", spec.latent_scale)))
+                   latent_scale=float(vae_json.get("scaling_factor", spec.latent_scale)),
+                   zero_empty_negative=bool(index.get("force_zeros_for_empty_prompt", spec.zero_empty_negative)),
+                   # diffusers defaults force_upcast to true for every VAE; only SDXL pipelines read it
+                   vae_upcast=spec.vae_upcast and bool(vae_json.get("force_upcast", True)))
 
     src = str(folder)
     unet = _build(lambda: UNetModel(spec.unet))

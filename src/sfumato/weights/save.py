@@ -136,7 +136,7 @@ def _write_diffusers_tree(pipe: Pipeline, root: Path, *, half: bool) -> None:
 
     _write_json(root / "vae" / "config.json", vae_config_to_diffusers(
         spec.vae, scaling_factor=spec.latent_scale, shift_factor=spec.latent_shift or None,
-        sample_size=spec.default_size))
+        sample_size=spec.default_size, force_upcast=spec.vae_upcast or not spec.size_conditioning))
     io.write_safetensors(root / "vae" / "diffusion_pytorch_model.safetensors",
                          _cast(vae_to_diffusers(pipe.vae.state_dict(), spec.vae), half))
     index["vae"] = ["diffusers", "AutoencoderKL"]
@@ -161,8 +161,8 @@ def _write_diffusers_tree(pipe: Pipeline, root: Path, *, half: bool) -> None:
         index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
     if spec.size_conditioning == "refiner":
         index["requires_aesthetics_score"] = True
-    if spec.size_conditioning == "base":
-        index["force_zeros_for_empty_prompt"] = True
+    if spec.size_conditioning:
+        index["force_zeros_for_empty_prompt"] = spec.zero_empty_negative
     _write_json(root / "model_index.json", index)
 
 
