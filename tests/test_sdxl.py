@@ -246,3 +246,31 @@ def test_half_precision_vae_decodes_in_fp32(folders, caplog):
     assert seen == [torch.bfloat16, torch.float32] * 2
     assert sum("overflowed" in r.message for r in caplog.records) == 1
     assert np.asarray(images[0]).std() > 0
+
+
+def test_cli_refiner_and_micro_conditioning(folders, ours, tmp_path, capsys):
+    from sfumato.cli import main
+    from sfumato.metadata import params_from_infotext, read_parameters
+
+    out = tmp_path / "xl.png"
+    code = main(["generate", "a boat", "--model", str(folders[0]), "--refiner", str(folders[1]), "--switch-at",
+                 "0.7", "--original-size", "48x64", "--crop", "4,8", "--aesthetic-score", "7", "--prompt-2",
+                 "a lake", "--steps", "6", "-W", "32", "-H", "32", "--seed", "3", "--sampler", "euler",
+                 "-o", str(out), "-q"])
+    assert code == 0
+    text = read_parameters(out)
+    for part in ("Refiner: refiner", "Refiner switch at: 0.7", "Original size: 48x64", 'Crop top left: "4,8"',
+                 "Aesthetic score: 7", "Prompt 2: a lake"):
+        assert part in text, (part, text)
+    p = params_from_infotext(text)
+    assert (p.original_size, p.crops_coords_top_left, p.prompt_2) == ((64, 48), (8, 4), "a lake")
+    want = ours[0].generate("a boat", prompt_2="a lake", steps=6, width=32, height=32, seed=3, sampler="euler",
+                            original_size=(64, 48), crops_coords_top_left=(8, 4), aesthetic_score=7.0,
+                            refiner=ours[1], refiner_switch_at=0.7).images[0]
+    assert _maxdiff(Image.open(out).convert("RGB"), want) == 0
+    capsys.readouterr()
+    for bad, match in ((["--crop", "4x8"], "--crop '4x8' is not LEFT,TOP"),
+                       (["--switch-at", "0.5"], "--switch-at needs --refiner"),
+                       (["--original-size", "big"], "--original-size 'big' is not WIDTHxHEIGHT")):
+        assert main(["generate", "x", "--model", str(folders[0]), "-o", str(tmp_path / "bad.png"), "-q", *bad]) == 2
+        assert match in capsys.readouterr().err

@@ -265,6 +265,21 @@ def _generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eta", type=float, help="noise of ancestral / DDIM samplers (default: the sampler's)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing -o FILE")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress or status on stderr")
+    xl = p.add_argument_group("SDXL")
+    xl.add_argument("--prompt-2", metavar="TEXT", help="prompt of the second text encoder (default: the prompt)")
+    xl.add_argument("--negative-2", metavar="TEXT", dest="negative_prompt_2",
+                    help="negative prompt of the second text encoder (default: the negative prompt)")
+    xl.add_argument("--refiner", metavar="PATH", help="SDXL refiner checkpoint: takes over at --switch-at")
+    xl.add_argument("--switch-at", type=float, metavar="F", help="fraction of the noise schedule the base runs "
+                    "before the refiner takes over (default: 0.8)")
+    for flag, what in (("original-size", "original size"), ("target-size", "target size")):
+        xl.add_argument(f"--{flag}", metavar="WxH", help=f"micro-conditioning {what} (default: the output size)")
+        xl.add_argument(f"--negative-{flag}", metavar="WxH", help=f"{what} of the negative half (default: "
+                        f"--{flag})")
+    xl.add_argument("--crop", metavar="X,Y", help="micro-conditioning crop top-left, left,top (default: 0,0)")
+    xl.add_argument("--negative-crop", metavar="X,Y", help="crop of the negative half (default: --crop)")
+    xl.add_argument("--aesthetic-score", type=float, help="refiner aesthetic score (default: 6)")
+    xl.add_argument("--negative-aesthetic-score", type=float, help="refiner negative aesthetic score (default: 2.5)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -353,9 +368,48 @@ def _status(args: argparse.Namespace, message: str) -> None:
         print(f"sfumato: {message}", file=sys.stderr, flush=True)
 
 
+def _wxh(flag: str, value: str | None) -> tuple[int, int] | None:
+    """"WxH" -> diffusers' (height, width)."""
+    from sfumato.errors import InvalidParameterError
+
+    if value is None:
+        return None
+    parts = value.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise InvalidParameterError(f"--{flag} {value!r} is not WIDTHxHEIGHT (e.g. 1024x768)")
+    return int(parts[1]), int(parts[0])
+
+
+def _xy(flag: str, value: str | None) -> tuple[int, int] | None:
+    """"X,Y" (left, top) -> diffusers' (top, left)."""
+    from sfumato.errors import InvalidParameterError
+
+    if value is None:
+        return None
+    parts = value.split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise InvalidParameterError(f"--{flag} {value!r} is not LEFT,TOP (e.g. 0,32)")
+    return int(parts[1]), int(parts[0])
+
+
+def _sdxl_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kw = {
+        "prompt_2": args.prompt_2, "negative_prompt_2": args.negative_prompt_2,
+        "original_size": _wxh("original-size", args.original_size),
+        "target_size": _wxh("target-size", args.target_size),
+        "negative_original_size": _wxh("negative-original-size", args.negative_original_size),
+        "negative_target_size": _wxh("negative-target-size", args.negative_target_size),
+        "crops_coords_top_left": _xy("crop", args.crop),
+        "negative_crops_coords_top_left": _xy("negative-crop", args.negative_crop),
+        "aesthetic_score": args.aesthetic_score, "negative_aesthetic_score": args.negative_aesthetic_score,
+    }
+    return {k: v for k, v in kw.items() if v is not None}
+
+
 def _params_kwargs(args: argparse.Namespace, **more: Any) -> dict[str, Any]:
     """The generation parameters given on the command line (absent ones keep the library's defaults)."""
     kw = {k: getattr(args, k) for k in _PARAM_ARGS if getattr(args, k) is not None}
+    kw.update(_sdxl_kwargs(args))
     if kw.get("seed") == -1:  # AUTOMATIC1111's "random"
         del kw["seed"]
     kw.update({k: v for k, v in more.items() if v is not None})
@@ -395,6 +449,10 @@ def _generate(args: argparse.Namespace) -> int:
                     inpaint_full_res=args.full_res or None)
     kw = _params_kwargs(args, **more)
     _check_params(args, kw)
+    if args.switch_at is not None and args.refiner is None:
+        raise InvalidParameterError("--switch-at needs --refiner")
+    if args.switch_at is not None and not 0.0 < args.switch_at < 1.0:
+        raise InvalidParameterError(f"--switch-at {args.switch_at} is out of range: allowed strictly between 0 and 1")
     if args.command == "outpaint" and (args.width is not None or args.height is not None):
         raise InvalidParameterError("outpaint takes its size from the extended canvas; drop --width/--height")
     for path in _output_paths(args, kw.get("batch_size", 1)) or []:
@@ -407,6 +465,10 @@ def _generate(args: argparse.Namespace) -> int:
     pipe = sfumato.load(args.model, device=_device(args.device), dtype=args.dtype, prediction=args.prediction,
                         vae=args.vae)
     _status(args, f"loaded {pipe.spec.family} in {time.monotonic() - t0:.1f}s")
+    if args.refiner is not None:
+        refiner = sfumato.load(args.refiner, device=_device(args.device), dtype=args.dtype, share=pipe)
+        _status(args, f"loaded the refiner ({refiner.spec.family})")
+        kw.update(refiner=refiner, refiner_switch_at=args.switch_at)
 
     progress = Progress(enabled=not args.quiet)
     size = {"width": args.width, "height": args.height}

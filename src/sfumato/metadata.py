@@ -142,6 +142,34 @@ def _sampler_extras(p: GenerationParams) -> dict[str, object]:
     return out
 
 
+# SDXL fields, sfumato's own keys (AUTOMATIC1111 writes none of them): sizes as "WIDTHxHEIGHT" like
+# "Size", crops as "LEFT,TOP" (x, y); GenerationParams holds both as diffusers' (height, width) / (top, left).
+_SDXL_TEXT_KEYS = {"prompt_2": "Prompt 2", "negative_prompt_2": "Negative prompt 2"}
+_SDXL_SIZE_KEYS = {"original_size": "Original size", "target_size": "Target size",
+                   "negative_original_size": "Negative original size", "negative_target_size": "Negative target size"}
+_SDXL_CROP_KEYS = {"crops_coords_top_left": "Crop top left", "negative_crops_coords_top_left": "Negative crop top left"}
+_SDXL_SCORE_KEYS = {"aesthetic_score": ("Aesthetic score", 6.0), "negative_aesthetic_score": ("Negative aesthetic score", 2.5)}
+
+
+def _sdxl_fields(p: GenerationParams) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for name, key in _SDXL_TEXT_KEYS.items():
+        if getattr(p, name) is not None:
+            out[key] = getattr(p, name)
+    for name, key in _SDXL_SIZE_KEYS.items():
+        if getattr(p, name) is not None:
+            h, w = getattr(p, name)
+            out[key] = f"{w}x{h}"
+    for name, key in _SDXL_CROP_KEYS.items():
+        value = getattr(p, name)
+        if value is not None and (name.startswith("negative") or tuple(value) != (0, 0)):
+            out[key] = f"{value[1]},{value[0]}"
+    for name, (key, default) in _SDXL_SCORE_KEYS.items():
+        if getattr(p, name) != default:
+            out[key] = getattr(p, name)
+    return out
+
+
 def infotext(params: GenerationParams, *, seed: int, model_name: str | None, model_hash: str | None,
              extra: Mapping[str, object] = {}, inpaint: bool = False, version: str | None = VERSION) -> str:
     """The ``parameters`` text of one image, as AUTOMATIC1111's ``create_infotext`` writes it.
@@ -180,6 +208,7 @@ def infotext(params: GenerationParams, *, seed: int, model_name: str | None, mod
     fields.update(_sampler_extras(p))
     if p.guidance_rescale:
         fields[_GUIDANCE_RESCALE_KEY] = p.guidance_rescale
+    fields.update(_sdxl_fields(p))
     fields.update(p.extra)
     fields.update(extra)
     # The model in hand outranks a "Model hash" / "Model" carried over in params.extra from an imported
@@ -285,6 +314,26 @@ _SIMPLE_FIELDS: dict[str, tuple[str, Any]] = {
     "Sigma tmax": ("s_tmax", _float), "Sigma noise": ("s_noise", _float), "Mask blur": ("mask_blur", _int),
     "Masked area padding": ("inpaint_padding", _int), _GUIDANCE_RESCALE_KEY: ("guidance_rescale", _float),
 }
+def _wxh(key: str, value: str) -> tuple[int, int]:
+    m = _SIZE_RE.match(value.strip())
+    if m is None:
+        raise InvalidParameterError(f"infotext {key}: {value!r} is not WIDTHxHEIGHT")
+    return int(m.group(2)), int(m.group(1))
+
+
+def _xy(key: str, value: str) -> tuple[int, int]:
+    m = re.match(r"^\s*(\d+)\s*,\s*(\d+)\s*$", value)
+    if m is None:
+        raise InvalidParameterError(f"infotext {key}: {value!r} is not LEFT,TOP")
+    return int(m.group(2)), int(m.group(1))
+
+
+_SDXL_READERS: dict[str, tuple[str, Any]] = {
+    **{key: (name, lambda k, v: v) for name, key in _SDXL_TEXT_KEYS.items()},
+    **{key: (name, _wxh) for name, key in _SDXL_SIZE_KEYS.items()},
+    **{key: (name, _xy) for name, key in _SDXL_CROP_KEYS.items()},
+    **{key: (name, _float) for name, (key, _) in _SDXL_SCORE_KEYS.items()},
+}
 _INPAINT_KEYS = ("Mask blur", "Inpaint area", "Masked area padding", "Masked content")
 _DROPPED = ("Prompt", "Negative prompt", "Sampler", "Schedule type", "Size", "Version")
 
@@ -313,6 +362,9 @@ def params_from_infotext(text: str) -> GenerationParams:
             kw["inpaint_full_res"] = value == "Only masked"
         elif key == "Emphasis" and value.lower() in ("original", "no norm"):
             kw["emphasis"] = "original" if value.lower() == "original" else "none"
+        elif key in _SDXL_READERS:
+            name, convert = _SDXL_READERS[key]
+            kw[name] = convert(key, value)
         elif key not in _DROPPED:
             extra[key] = value
     if "Size" in d:
