@@ -274,3 +274,37 @@ def test_cli_refiner_and_micro_conditioning(folders, ours, tmp_path, capsys):
                        (["--original-size", "big"], "--original-size 'big' is not WIDTHxHEIGHT")):
         assert main(["generate", "x", "--model", str(folders[0]), "-o", str(tmp_path / "bad.png"), "-q", *bad]) == 2
         assert match in capsys.readouterr().err
+
+
+def test_prompt_2_chunks_stay_aligned_with_the_prompt(ours):
+    from sfumato.text.conditioning import encode_prompt
+
+    base = ours[0]
+    long_2 = " ".join(["a tall lighthouse"] * 30)  # 90 tokens: two chunks for the second encoder only
+    c = encode_prompt(base.text_encoders, base.spec.text_encoders, base.tokenizer, "a (red:1.3) circle",
+                      text_2=long_2)
+    widths = [te.config.width for te in base.spec.text_encoders]
+    assert c.context.shape == (1, 154, sum(widths))
+    empty = encode_prompt(base.text_encoders[:1], base.spec.text_encoders[:1], base.tokenizer, "")
+    # the first encoder's second chunk is the empty prompt's chunk, so the features line up per token
+    assert torch.equal(c.context[:, 77:, :widths[0]], empty.context)
+    alone = encode_prompt(base.text_encoders, base.spec.text_encoders, base.tokenizer, "a (red:1.3) circle")
+    assert torch.equal(c.context[:, :77, :widths[0]], alone.context[:, :, :widths[0]])
+    assert not torch.equal(c.context[:, :77, widths[0]:], alone.context[:, :, widths[0]:])
+
+
+def test_fp16_fix_vae_override_decodes_in_half(folders, tmp_path):
+    import json
+    import shutil
+
+    fixed = tmp_path / "vae-fix"
+    shutil.copytree(folders[0] / "vae", fixed)
+    cfg = json.loads((fixed / "config.json").read_text())
+    (fixed / "config.json").write_text(json.dumps({**cfg, "force_upcast": False}))
+    pipe = sfumato.load(folders[0], dtype="bf16", vae=fixed)
+    assert not pipe.spec.vae_upcast
+    seen = []
+    pipe.vae.decoder.conv_in.register_forward_pre_hook(lambda m, a: seen.append(a[0].dtype))
+    pipe.generate("a", steps=2, seed=1, width=SIZE, height=SIZE, sampler="euler")
+    assert seen == [torch.bfloat16]
+    assert sfumato.load(folders[0], dtype="bf16", vae=folders[0] / "vae").spec.vae_upcast
