@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from sfumato.pipeline import Pipeline
 
 N_PROMPTS = 240
+# issue 4's targets on held-out prompts at the default settings
+TARGETS = {"background": 0.95, "colour": 0.95, "kind": 0.85, "position": 0.80}
 
 
 def bench_scenes(n: int = N_PROMPTS, seed: int = 0) -> list[tuple[Scene, bool]]:
@@ -71,6 +73,19 @@ def accuracy_table(scenes: Sequence[tuple[Scene, bool]], results: Sequence[dict[
     return "\n".join(lines)
 
 
+def target_report(scenes: Sequence[tuple[Scene, bool]], results: Sequence[dict[str, bool]]) -> tuple[str, bool]:
+    """Each held-out accuracy against its target, and whether all are met."""
+    rows = [r for (_, h), r in zip(scenes, results) if h]
+    if not rows:
+        return "  (no held-out prompts scored)", False
+    met, parts = True, []
+    for attr, target in TARGETS.items():
+        acc = sum(r[attr] for r in rows) / len(rows)
+        met &= acc >= target
+        parts.append(f"{attr} {acc:.3f} {'>=' if acc >= target else '<'} {target:.2f}")
+    return "  held-out vs targets: " + ", ".join(parts) + (" -- all met" if met else " -- NOT all met"), met
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="checkpoint file or folder (default: the built-in model)")
@@ -101,6 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results, seconds = evaluate(pipe, scenes, steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler)
     print(f"\nguidance cfg {cfg:g}: accuracy (fraction of prompts whose image shows the attribute)")
     print(accuracy_table(scenes, results))
+    print(target_report(scenes, results)[0])
     off, _ = evaluate(pipe, scenes, steps=args.steps, cfg_scale=1.0, sampler=args.sampler)
     print("\nguidance off (cfg 1):")
     print(accuracy_table(scenes, off))
