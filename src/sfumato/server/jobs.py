@@ -183,7 +183,7 @@ class Scheduler:
         self.caches = [ModelCache(d, dtype, model_budget) for d in devices]
         self._threads = [threading.Thread(target=self._work, args=(c,), name=f"sfumato-worker-{c.device}",
                                           daemon=True) for c in self.caches]
-        self.last: Job | None = None  # the job that finished last (webui's progress shows it when idle)
+        self._stopping = False
 
     def start(self) -> None:
         for row in self.store.recover():
@@ -204,6 +204,8 @@ class Scheduler:
             t.start()
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Cancel running jobs and end the workers; queued jobs stay queued in the store (run after a restart)."""
+        self._stopping = True
         with self._lock:
             for job in self.active.values():
                 if job.state == "running":
@@ -248,7 +250,7 @@ class Scheduler:
     def _work(self, cache: ModelCache) -> None:
         while True:
             job = self._queue.get()
-            if job is None:
+            if job is None or self._stopping:
                 return
             if job.done.is_set():  # cancelled while queued
                 continue
@@ -296,5 +298,4 @@ class Scheduler:
         finally:
             with self._lock:
                 self.active.pop(job.id, None)
-                self.last = job
             job.done.set()
