@@ -118,6 +118,7 @@ class ModelCache:
         key = (str(ckpt.path),) if share_with is None else (str(ckpt.path), "refiner-of", str(share_with.path))
         if key in self._models:
             self._models.move_to_end(key)
+            self._evict(keep={key})
             return self._models[key][0]
         share = self.get(share_with) if share_with is not None else None
         log.info("loading %s on %s", ckpt.path, self.device)
