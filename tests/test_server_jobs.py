@@ -182,6 +182,14 @@ def test_listen_needs_credentials_and_every_route_checks_them(tiny_models, tmp_p
             webuiapi.WebUIApi(port=srv.port, steps=2).txt2img(prompt="p", width=SIZE, height=SIZE)
 
 
+def test_web_ui_is_served_without_outside_resources(tiny_models, tmp_path):
+    with running(_config(tiny_models, tmp_path / "data")) as srv:
+        r = httpx.get(srv.url + "/")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+        assert "/api/v1/jobs" in r.text and "EventSource" in r.text
+        assert "http://" not in r.text and "https://" not in r.text and "<script src" not in r.text
+
+
 def test_cors_is_off_unless_asked(tiny_models, tmp_path):
     origin = {"Origin": "http://example.com"}
     with running(_config(tiny_models, tmp_path / "a")) as srv:

@@ -451,6 +451,10 @@ def create_app(config: ServerConfig) -> FastAPI:
 
         return Response(await asyncio.to_thread(png), media_type="image/png")
 
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(Path(__file__).parent / "static" / "index.html", media_type="text/html")
+
     @app.get("/api/v1/health")
     async def health() -> dict[str, Any]:
         return {"ok": True, "version": __version__, "queued": scheduler.queued_count(),
