@@ -7,6 +7,7 @@
     sfumato models v1-5.safetensors
     sfumato convert model.ckpt model.safetensors --half
     sfumato train builtin --out run --minutes 35
+    sfumato serve --model v1-5.safetensors --data-dir ./sfumato-data
 
 Images are written atomically with their AUTOMATIC1111 ``parameters`` text, as ``00001-<seed>.png`` in
 ``--outdir`` (default ``./outputs``) or to ``-o FILE`` (never over an existing file without
@@ -340,6 +341,33 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prediction", choices=("eps", "v"), help="prediction type, for SD 2.x files that cannot tell")
     c.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
 
+    sv = sub.add_parser("serve", help="HTTP server: AUTOMATIC1111's API, a job API and a job history")
+    sv.add_argument("--model", "-m", metavar="PATH", help="default checkpoint (default: the built-in model)")
+    sv.add_argument("--models-dir", metavar="DIR", help="offer every checkpoint in DIR as well")
+    sv.add_argument("--data-dir", metavar="DIR", default="sfumato-data", help="job database and output images "
+                    "(default: ./sfumato-data)")
+    sv.add_argument("--db", metavar="FILE", help="SQLite job database (default: DATA_DIR/jobs.sqlite3)")
+    sv.add_argument("--port", type=int, default=7860, help="TCP port (default: 7860)")
+    sv.add_argument("--listen", action="store_true", help="listen on all interfaces (0.0.0.0) instead of "
+                    "127.0.0.1; needs --api-key or --api-auth")
+    sv.add_argument("--api-key", action="append", default=[], metavar="KEY", help="accept this key "
+                    "(Authorization: Bearer KEY or X-API-Key: KEY); repeatable; also $SFUMATO_API_KEY")
+    sv.add_argument("--api-auth", metavar="USER:PASS[,USER:PASS...]", help="HTTP basic credentials, as "
+                    "AUTOMATIC1111's --api-auth")
+    sv.add_argument("--cors-allow-origins", metavar="ORIGINS", help="comma-separated origins allowed by CORS "
+                    "(default: CORS off)")
+    sv.add_argument("--device", action="append", metavar="DEVICE", help="device with a worker thread; "
+                    "repeatable (default: auto)")
+    sv.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="weights dtype (default: fp32 on CPU, "
+                    "fp16 on GPUs)")
+    sv.add_argument("--model-memory", type=float, default=8.0, metavar="GB", help="loaded models per device "
+                    "before the least recently used is unloaded (default: 8)")
+    sv.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body (default: 64 MB)")
+    sv.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="largest input image, in "
+                    "pixels (default: 4096x4096)")
+    sv.add_argument("--max-output-pixels", type=int, default=2048 * 2048, help="largest output image, in "
+                    "pixels (default: 2048x2048)")
+
     from sfumato.train.command import add_arguments as add_train_arguments
 
     add_train_arguments(sub.add_parser("train", help="train the built-in model on synthetic scenes"))
@@ -536,6 +564,49 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from sfumato.errors import InvalidParameterError
+
+    try:
+        from sfumato.server.a1111 import Limits
+        from sfumato.server.app import ServerConfig, serve
+    except ImportError as e:
+        raise SfumatoError(f"the server needs its extra dependencies: pip install 'sfumato[server]' ({e})") from None
+    keys = [k for k in [*args.api_key, os.environ.get("SFUMATO_API_KEY", "")] if k]
+    pairs = []
+    for item in (args.api_auth or "").split(","):
+        if item.strip():
+            user, sep, password = item.strip().partition(":")
+            if not sep or not user or not password:
+                raise InvalidParameterError(f"--api-auth {item!r} is not USER:PASSWORD")
+            pairs.append((user, password))
+    data = Path(args.data_dir)
+    config = ServerConfig(
+        host="0.0.0.0" if args.listen else "127.0.0.1", port=args.port,
+        model=Path(args.model) if args.model else _builtin_or_none(), data_dir=data,
+        models_dir=Path(args.models_dir) if args.models_dir else None, db_path=Path(args.db) if args.db else None,
+        api_keys=tuple(keys), api_auth=tuple(pairs),
+        cors_origins=tuple(o.strip() for o in (args.cors_allow_origins or "").split(",") if o.strip()),
+        devices=tuple(_device(d) for d in (args.device or ["auto"])), dtype=args.dtype,
+        model_memory=int(args.model_memory * 2**30), max_body=int(args.max_body_mb * 2**20),
+        limits=Limits(max_image_pixels=args.max_image_pixels, max_output_pixels=args.max_output_pixels))
+    if config.model is not None and not config.model.exists():
+        raise CheckpointError(f"{config.model}: no such file or folder")
+    config.check()
+    serve(config)
+    return 0
+
+
+def _builtin_or_none() -> Path | None:
+    from sfumato.weights.load import builtin_checkpoint
+
+    try:
+        return builtin_checkpoint()
+    except CheckpointError as e:
+        print(f"sfumato: warning: {e}", file=sys.stderr)
+        return None
+
+
 def _train(args: argparse.Namespace) -> int:
     from sfumato.train.command import run
 
@@ -544,7 +615,7 @@ def _train(args: argparse.Namespace) -> int:
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "generate": _generate, "img2img": _generate, "inpaint": _generate, "outpaint": _generate,
-    "info": _info, "models": _models, "convert": _convert, "train": _train,
+    "info": _info, "models": _models, "convert": _convert, "train": _train, "serve": _serve,
 }
 
 

@@ -1,0 +1,143 @@
+"""Checkpoints the server can name, and the loaded models a worker keeps within a memory budget.
+
+``Registry`` lists checkpoints under AUTOMATIC1111-style titles (the file or folder name relative to
+``--models-dir``; the ``--model`` given on the command line is always listed first). A name matches a
+title, a file stem, or a title followed by `` [hash]`` as AUTOMATIC1111's own titles are written.
+
+``ModelCache`` belongs to one worker (one device) and is used from its thread only: it loads on first use
+and evicts the least recently used models while the sum of their parameter bytes exceeds the budget
+(the model in use is never evicted, so one model larger than the budget still runs).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from sfumato.errors import SfumatoError
+
+log = logging.getLogger("sfumato.server")
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt")
+_HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]{8,64}\]$")
+
+
+class UnknownNameError(SfumatoError):
+    """A request named a model (or sampler...) the server does not have; the message lists the valid ones."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    title: str  # AUTOMATIC1111's "title": what sd_model_checkpoint holds
+    model_name: str  # the stem
+    path: Path
+
+
+class Registry:
+    """The checkpoints on offer: ``default`` (``--model``, or the built-in model when it is installed)
+    plus every checkpoint file or diffusers folder directly inside ``models_dir``."""
+
+    def __init__(self, default: Path | None, models_dir: Path | None = None) -> None:
+        self.default_path = default
+        self.models_dir = models_dir
+        self._lock = threading.Lock()
+        self._items: list[Checkpoint] = []
+        self.refresh()
+
+    def refresh(self) -> None:
+        items: list[Checkpoint] = []
+        if self.default_path is not None:
+            items.append(_checkpoint(self.default_path, self.default_path.name))
+        if self.models_dir is not None and self.models_dir.is_dir():
+            for entry in sorted(self.models_dir.iterdir()):
+                is_model = (entry.suffix in CHECKPOINT_SUFFIXES and entry.is_file()) or (
+                    entry.is_dir() and (entry / "model_index.json").is_file())
+                if is_model and all(c.path.resolve() != entry.resolve() for c in items):
+                    items.append(_checkpoint(entry, entry.name))
+        with self._lock:
+            self._items = items
+
+    def list(self) -> list[Checkpoint]:
+        with self._lock:
+            return list(self._items)
+
+    @property
+    def default(self) -> Checkpoint | None:
+        items = self.list()
+        return items[0] if items else None
+
+    def find(self, name: str | None) -> Checkpoint:
+        """The checkpoint ``name`` names (None: the default). Raises UnknownNameError listing the titles."""
+        items = self.list()
+        if name is None or name == "":
+            if not items:
+                raise UnknownNameError("no model is available: start the server with --model PATH "
+                                       "(the built-in model is not installed)")
+            return items[0]
+        key = _HASH_SUFFIX.sub("", str(name)).strip()
+        for c in items:
+            if key in (c.title, c.model_name, str(c.path)):
+                return c
+        valid = ", ".join(c.title for c in items) or "(none)"
+        raise UnknownNameError(f"unknown model {name!r}; valid: {valid}")
+
+
+def _checkpoint(path: Path, title: str) -> Checkpoint:
+    stem = path.name if path.is_dir() else path.stem
+    return Checkpoint(title=title, model_name=stem, path=path)
+
+
+def pipeline_bytes(pipe) -> int:
+    """Bytes of a pipeline's parameters and buffers (shared modules counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for m in pipe.modules():
+        for t in [*m.parameters(), *m.buffers()]:
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+    return total
+
+
+class ModelCache:
+    """Loaded pipelines of one device, least recently used first, within ``budget`` bytes."""
+
+    def __init__(self, device: str, dtype: str | None, budget: int) -> None:
+        self.device, self.dtype, self.budget = device, dtype, budget
+        self._models: OrderedDict[tuple[str, ...], tuple[object, int]] = OrderedDict()
+
+    def get(self, ckpt: Checkpoint, *, share_with: Checkpoint | None = None):
+        """The pipeline of ``ckpt`` (loaded if needed). ``share_with``: load it as a refiner sharing the
+        autoencoder and text encoders of that (already loaded) base model."""
+        import sfumato
+
+        key = (str(ckpt.path),) if share_with is None else (str(ckpt.path), "refiner-of", str(share_with.path))
+        if key in self._models:
+            self._models.move_to_end(key)
+            self._evict(keep={key})
+            return self._models[key][0]
+        share = self.get(share_with) if share_with is not None else None
+        log.info("loading %s on %s", ckpt.path, self.device)
+        pipe = sfumato.load(ckpt.path, device=self.device, dtype=self.dtype, share=share)
+        self._models[key] = (pipe, pipeline_bytes(pipe))
+        self._evict(keep={key, (str(share_with.path),) if share_with is not None else key})
+        return pipe
+
+    def _evict(self, keep: set[tuple[str, ...]]) -> None:
+        while sum(size for _, size in self._models.values()) > self.budget:
+            victim = next((k for k in self._models if k not in keep), None)
+            if victim is None:
+                break
+            log.info("unloading %s (model memory budget %.1f GB)", victim[0], self.budget / 1e9)
+            del self._models[victim]
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def loaded(self) -> list[str]:
+        return [k[0] for k in self._models]

@@ -1,0 +1,222 @@
+"""The native job API and what survives a server: SQLite history across a restart, re-queued jobs, a
+crashed (killed) server's running job marked failed, cancellation, event streams; authentication with
+--listen; the per-device LRU model cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .server_util import free_port, running
+
+httpx = pytest.importorskip("httpx")
+
+SIZE = 32
+JOB = {"type": "txt2img", "prompt": "a boat", "width": SIZE, "height": SIZE, "steps": 3, "seed": 7,
+       "sampler_name": "Euler"}
+LONG = {**JOB, "steps": 5000}
+
+
+def _config(models: Path, data: Path, **kw):
+    from sfumato.server.app import ServerConfig
+
+    return ServerConfig(model=models / "sd1", models_dir=models, data_dir=data, **kw)
+
+
+def _wait_state(url: str, job_id: str, states: tuple[str, ...], timeout: float = 60, **kw) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        d = httpx.get(f"{url}/api/v1/jobs/{job_id}", timeout=30, **kw).json()
+        if d["state"] in states:
+            return d
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} never reached {states}: {d}")
+
+
+def test_job_api_events_images_and_history_across_restart(tiny_models, tmp_path):
+    from sd_parsers import ParserManager
+
+    from sfumato.metadata import read_parameters
+
+    data = tmp_path / "data"
+    with running(_config(tiny_models, data)) as srv:
+        r = httpx.post(srv.url + "/api/v1/jobs", json=JOB, timeout=30)
+        assert r.status_code == 202
+        job_id = r.json()["id"]
+        events = []
+        with httpx.stream("GET", f"{srv.url}/api/v1/jobs/{job_id}/events", timeout=60) as stream:
+            for line in stream.iter_lines():
+                if line.startswith("event: "):
+                    events.append(line[7:])
+                elif line.startswith("data: "):
+                    last = json.loads(line[6:])
+        assert events[-1] == "end" and last["state"] == "done"
+        assert "progress" in events
+        d = httpx.get(f"{srv.url}/api/v1/jobs/{job_id}").json()
+        assert d["state"] == "done" and d["progress"] == 1.0 and d["seeds"] == [7] and len(d["images"]) == 1
+        png = httpx.get(srv.url + d["images"][0]).content
+        path = tmp_path / "out.png"
+        path.write_bytes(png)
+        assert read_parameters(path) == d["infotexts"][0]
+        assert ParserManager().parse(path).samplers[0].parameters["seed"] == "7"
+
+        # a long job and one queued behind it; shutting down cancels the running one, keeps the queued one
+        long_id = httpx.post(srv.url + "/api/v1/jobs", json=LONG).json()["id"]
+        queued_id = httpx.post(srv.url + "/api/v1/jobs", json={**JOB, "seed": 8}).json()["id"]
+        _wait_state(srv.url, long_id, ("running",))
+        assert httpx.get(f"{srv.url}/api/v1/jobs/{queued_id}").json()["state"] == "queued"
+
+    with running(_config(tiny_models, data)) as srv:  # same data folder: the history is there
+        d = httpx.get(f"{srv.url}/api/v1/jobs/{job_id}").json()
+        assert d["state"] == "done" and httpx.get(srv.url + d["images"][0]).content == png
+        assert httpx.get(f"{srv.url}/api/v1/jobs/{long_id}").json()["state"] == "cancelled"
+        d = _wait_state(srv.url, queued_id, ("done", "failed"))
+        assert d["state"] == "done" and d["seeds"] == [8]  # queued again after the restart, and run
+        listed = [j["id"] for j in httpx.get(srv.url + "/api/v1/jobs").json()]
+        assert {job_id, long_id, queued_id} <= set(listed)
+
+
+def test_cancel_running_and_queued_jobs(tiny_models, tmp_path):
+    from sfumato.server.app import ServerConfig
+
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "broken.safetensors").write_bytes(b"not a checkpoint")
+    with running(ServerConfig(model=tiny_models / "sd1", models_dir=models, data_dir=tmp_path / "data")) as srv:
+        long_id = httpx.post(srv.url + "/api/v1/jobs", json=LONG).json()["id"]
+        queued_id = httpx.post(srv.url + "/api/v1/jobs", json=JOB).json()["id"]
+        _wait_state(srv.url, long_id, ("running",))
+        d = httpx.delete(f"{srv.url}/api/v1/jobs/{queued_id}", timeout=30).json()
+        assert d["state"] == "cancelled"
+        png = _wait_preview(srv.url, long_id)
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        d = httpx.delete(f"{srv.url}/api/v1/jobs/{long_id}", timeout=30).json()
+        assert d["state"] == "cancelled" and d["images"] == []
+        assert httpx.delete(f"{srv.url}/api/v1/jobs/{long_id}").status_code == 409
+        assert httpx.get(f"{srv.url}/api/v1/jobs/nope").status_code == 404
+        assert httpx.delete(f"{srv.url}/api/v1/jobs/nope").status_code == 404
+        r = httpx.post(srv.url + "/api/v1/jobs", json={**JOB, "type": "upscale"})
+        assert r.status_code == 422 and "txt2img, img2img" in r.json()["detail"]
+        # a job failing while it runs is recorded, and the worker goes on
+        broken = {**JOB, "override_settings": {"sd_model_checkpoint": "broken.safetensors"}}
+        bad = httpx.post(srv.url + "/api/v1/jobs", json=broken).json()["id"]
+        d = _wait_state(srv.url, bad, ("done", "failed"))
+        assert d["state"] == "failed" and "broken.safetensors" in d["error"]
+        r = httpx.post(srv.url + "/sdapi/v1/txt2img", json=broken, timeout=30)
+        assert r.status_code == 500 and "broken.safetensors" in r.json()["detail"]  # the server's own fault
+        assert _wait_state(srv.url, httpx.post(srv.url + "/api/v1/jobs", json=JOB).json()["id"],
+                           ("done",))["seeds"] == [7]
+
+
+def _wait_preview(url: str, job_id: str) -> bytes:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        r = httpx.get(f"{url}/api/v1/jobs/{job_id}/preview.png")
+        if r.status_code == 200:
+            return r.content
+        time.sleep(0.05)
+    raise AssertionError("no preview")
+
+
+def test_crashed_server_marks_its_running_job_failed(tiny_models, tmp_path):
+    data = tmp_path / "data"
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "sfumato", "serve", "--model", str(tiny_models / "sd1"),
+                             "--data-dir", str(data), "--port", str(port), "--device", "cpu"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url + "/api/v1/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "the server process did not start"
+            time.sleep(0.1)
+        job_id = httpx.post(url + "/api/v1/jobs", json=LONG).json()["id"]
+        _wait_state(url, job_id, ("running",))
+    finally:
+        proc.send_signal(signal.SIGKILL)  # a crash: no shutdown code runs
+        proc.wait(30)
+        proc.stderr.close()
+    with running(_config(tiny_models, data)) as srv:
+        d = httpx.get(f"{srv.url}/api/v1/jobs/{job_id}").json()
+        assert d["state"] == "failed" and "crash" in d["error"]
+
+
+def test_listen_needs_credentials_and_every_route_checks_them(tiny_models, tmp_path):
+    from sfumato.cli import main
+
+    assert main(["serve", "--listen", "--model", str(tiny_models / "sd1"), "--data-dir", str(tmp_path)]) == 2
+
+    webuiapi = pytest.importorskip("webuiapi")
+    config = _config(tiny_models, tmp_path / "data", host="0.0.0.0", api_keys=("s3cret",),
+                     api_auth=(("ann", "pw"),))
+    with running(config) as srv:
+        for method, path in [("GET", "/sdapi/v1/progress"), ("POST", "/sdapi/v1/txt2img"),
+                             ("GET", "/sdapi/v1/options"), ("GET", "/api/v1/jobs"), ("POST", "/api/v1/jobs"),
+                             ("GET", "/api/v1/jobs/x/events"), ("GET", "/api/v1/health"), ("GET", "/nope")]:
+            assert httpx.request(method, srv.url + path).status_code == 401, path
+            assert httpx.request(method, srv.url + path, headers={"X-API-Key": "wrong"}).status_code == 401
+        ok = {"Authorization": "Bearer s3cret"}
+        assert httpx.get(srv.url + "/api/v1/health", headers=ok).status_code == 200
+        assert httpx.get(srv.url + "/api/v1/health", headers={"X-API-Key": "s3cret"}).status_code == 200
+        assert httpx.get(srv.url + "/api/v1/health?api_key=s3cret").status_code == 200
+        assert httpx.get(srv.url + "/api/v1/health", auth=("ann", "nope")).status_code == 401
+
+        api = webuiapi.WebUIApi(port=srv.port, username="ann", password="pw", sampler="Euler", steps=2)
+        r = api.txt2img(prompt="p", width=SIZE, height=SIZE, seed=1)
+        assert r.image.size == (SIZE, SIZE)
+        with pytest.raises(RuntimeError, match="401"):
+            webuiapi.WebUIApi(port=srv.port, steps=2).txt2img(prompt="p", width=SIZE, height=SIZE)
+
+
+def test_web_ui_is_served_without_outside_resources(tiny_models, tmp_path):
+    with running(_config(tiny_models, tmp_path / "data")) as srv:
+        r = httpx.get(srv.url + "/")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+        assert "/api/v1/jobs" in r.text and "EventSource" in r.text
+        assert "http://" not in r.text and "https://" not in r.text and "<script src" not in r.text
+
+
+def test_cors_is_off_unless_asked(tiny_models, tmp_path):
+    origin = {"Origin": "http://example.com"}
+    with running(_config(tiny_models, tmp_path / "a")) as srv:
+        assert "access-control-allow-origin" not in httpx.get(srv.url + "/api/v1/health", headers=origin).headers
+    with running(_config(tiny_models, tmp_path / "b", cors_origins=("http://example.com",))) as srv:
+        r = httpx.get(srv.url + "/api/v1/health", headers=origin)
+        assert r.headers["access-control-allow-origin"] == "http://example.com"
+
+
+def test_model_cache_evicts_the_least_recently_used(tiny_models):
+    from sfumato.server.models import ModelCache, Registry, UnknownNameError, pipeline_bytes
+
+    reg = Registry(tiny_models / "sd1", tiny_models)
+    a, b = reg.find("sd1"), reg.find("sd1b")
+    with pytest.raises(UnknownNameError, match="valid: sd1, sd1b"):
+        reg.find("sd2")
+    cache = ModelCache("cpu", None, budget=0)
+    first = cache.get(a)
+    size = pipeline_bytes(first)
+    cache.budget = int(size * 1.5)  # room for one
+    assert cache.get(a) is first
+    cache.get(b)
+    assert cache.loaded() == [str(b.path)]
+    cache.budget = size * 3
+    cache.get(a)
+    assert cache.loaded() == [str(b.path), str(a.path)]
+    cache.get(b)  # b is now the most recent: a goes first
+    cache.budget = int(size * 1.5)
+    cache.get(b)
+    assert cache.loaded() == [str(b.path)]
