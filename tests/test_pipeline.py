@@ -282,3 +282,4 @@ def test_inpaint_fills_and_full_res_keep_the_unmasked_area(models, fill):
     assert res.images[0].size == big.size
     assert np.array_equal(out[:24], np.asarray(big)[:24])  # far from the mask: the original pixels
     assert _maxdiff(res.images[0], big) > 0  # the masked square was repainted
+    assert res.params.inpaint_full_res and "Inpaint area: Only masked, Masked area padding: 8" in res.infotexts[0]

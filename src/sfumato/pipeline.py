@@ -579,7 +579,7 @@ def _inpaint_full_res(pipe: Pipeline, p: GenerationParams, image: Image.Image, m
     if box is None:
         raise InvalidParameterError("the mask is empty (all black): nothing to inpaint")
     crop, crop_mask = image.crop(box), mask.crop(box)
-    res = run_experts(pipe, p.replace(inpaint_full_res=False), **experts,
+    res = run_experts(pipe, p, **experts,  # run() does not read the flag; the infotext records it
                       image=crop.resize((p.width, p.height), Image.LANCZOS),
                       mask=crop_mask.resize((p.width, p.height), Image.LANCZOS), callback=callback)
     paste_mask = mask.convert("L")
