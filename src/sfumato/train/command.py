@@ -47,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--minutes", type=float, default=35.0, help="wall-time budget (default: 35)")
     b.add_argument("--vae-steps", type=int, help="autoencoder steps (default: fit the budget)")
     b.add_argument("--steps", type=int, help="diffusion steps (default: fit the budget)")
-    b.add_argument("--prediction", choices=("eps", "v"), default="eps", help="what the UNet predicts (default: eps)")
+    b.add_argument("--prediction", choices=("eps", "v"), help="what the UNet predicts (default: the built-in "
+                   "preset's, v)")
     b.add_argument("--resume", action="store_true", help="continue the interrupted run in --out (its plan.json)")
 
     v = sub.add_parser("vae", help="train the autoencoder; writes vae.safetensors")

@@ -137,6 +137,7 @@ def train_diffusion(
     lr: float = 3e-4,
     prediction: str = "eps",
     caption_dropout: float = 0.1,
+    offset_noise: float = 0.0,
     ema_decay: float = 0.999,
     grad_accum: int = 1,
     mixed_precision: str = "no",
@@ -188,7 +189,7 @@ def train_diffusion(
     out = Path(out_dir) if out_dir is not None else None
     hparams = {"batch_size": batch_size, "grad_accum": grad_accum, "seed": seed, "n_images": n,
                "prediction": prediction, "caption_dropout": caption_dropout, "latent_scale": scale,
-               "train_text_encoder": train_text_encoder, "sample_latents": sample_latents}
+               "train_text_encoder": train_text_encoder, "sample_latents": sample_latents, "offset_noise": offset_noise}
 
     # Latents and token ids, once: the VAE and the tokenizer are fixed during training.
     vae = vae.to(device).eval().requires_grad_(False)
@@ -238,6 +239,11 @@ def train_diffusion(
         batch_ids = [torch.where(drop[:, None], e, i[idx]).to(device) for i, e in zip(ids, empty)]
         t = torch.randint(0, len(alphas_cumprod), (batch_size,), generator=g)
         eps = torch.randn(x0.shape, generator=g)
+        if offset_noise:
+            # Guttenberg's offset noise: a per-image, per-channel constant added to the noise, so the model
+            # learns to move the mean colour, which the training schedule's last timesteps otherwise leak
+            # (scaled_linear keeps sqrt(alpha_bar) = 0.068 of the image at t = 999)
+            eps = eps + offset_noise * torch.randn((*x0.shape[:2], 1, 1), generator=g)
         x_t, alpha, sigma = add_noise(x0, eps, alphas_cumprod, t)
         target = diffusion_target(x0, eps, alpha, sigma, prediction).to(device)
         with autocast(device, mixed_precision):

@@ -158,12 +158,13 @@ def train_builtin(
     vae_crop: int | None = 32,
     vae_lr: float = 2e-3,
     diffusion_batch: int = 32,
-    diffusion_lr: float = 3e-4,
+    diffusion_lr: float = 5e-4,
+    offset_noise: float = 0.1,
     ema_decay: float = 0.995,
     vae_fraction: float = 0.3,
     vae_steps: int | None = None,
     diffusion_steps: int | None = None,
-    prediction: str = "eps",
+    prediction: str | None = None,
     threads: int | None = None,
     resume: bool = False,
     progress: bool = True,
@@ -187,6 +188,7 @@ def train_builtin(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plan_file = out / "plan.json"
+    prediction = prediction or spec.prediction
     if resume:
         if not plan_file.is_file():
             raise CheckpointError(f"{plan_file}: no plan of an earlier run to resume")
@@ -237,7 +239,7 @@ def train_builtin(
             f"latent std {vae.latent_std:.4f} -> latent_scale {vae.latent_scale:.5f}")
     ckpt = out / CHECKPOINT
     dm = train_diffusion(spec, vae.vae, data, steps=diffusion_steps, batch_size=diffusion_batch, lr=diffusion_lr,
-                         ema_decay=ema_decay,
+                         ema_decay=ema_decay, offset_noise=offset_noise,
                          prediction=prediction, seed=seed, out_dir=out, latent_scale=vae.latent_scale,
                          checkpoint_every=max(100, diffusion_steps // 10), progress=progress,
                          resume_from=ckpt if resume and ckpt.is_file() else None)
