@@ -183,11 +183,64 @@ def test_listen_needs_credentials_and_every_route_checks_them(tiny_models, tmp_p
 
 
 def test_web_ui_is_served_without_outside_resources(tiny_models, tmp_path):
+    import re
+
     with running(_config(tiny_models, tmp_path / "data")) as srv:
         r = httpx.get(srv.url + "/")
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
-        assert "/api/v1/jobs" in r.text and "EventSource" in r.text
-        assert "http://" not in r.text and "https://" not in r.text and "<script src" not in r.text
+        local = re.findall(r'(?:src|href)="([^"]*)"', r.text)
+        assert local and all(u.startswith(("/static/", "#")) for u in local), local
+        js = httpx.get(srv.url + "/static/app.js")
+        css = httpx.get(srv.url + "/static/style.css")
+        assert js.status_code == css.status_code == 200 and "javascript" in js.headers["content-type"]
+        assert "/api/v1/jobs" in js.text and "EventSource" in js.text and "/sdapi/v1/png-info" in js.text
+        for text in (r.text, js.text, css.text):
+            assert "http://" not in text and "https://" not in text and "//cdn" not in text and "@import" not in text
+
+
+def test_static_assets_are_public_but_the_page_and_api_are_not(tiny_models, tmp_path):
+    with running(_config(tiny_models, tmp_path / "data", api_keys=("k",))) as srv:
+        assert httpx.get(srv.url + "/static/app.js").status_code == 200
+        assert httpx.post(srv.url + "/static/app.js").status_code == 401
+        assert httpx.get(srv.url + "/").status_code == 401
+        assert httpx.get(srv.url + "/?api_key=k").status_code == 200
+        assert httpx.get(srv.url + "/staticx").status_code == 401
+
+
+def test_job_listing_has_parameters_and_mode_for_img2img_and_inpaint(tiny_models, tmp_path):
+    import base64
+    import io
+
+    from PIL import Image
+
+    def b64(img):
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+    init = Image.new("RGB", (SIZE, SIZE), (200, 30, 30))
+    mask = Image.new("RGBA", (SIZE, SIZE), (0, 0, 0, 0))  # a painted canvas: the mask is its alpha
+    mask.paste((255, 0, 0, 255), (8, 8, 24, 24))
+    jobs = {"txt2img": JOB,
+            "img2img": {**JOB, "type": "img2img", "init_images": [b64(init)], "denoising_strength": 0.6},
+            "inpaint": {**JOB, "type": "img2img", "init_images": [b64(init)], "mask": b64(mask),
+                        "mask_blur": 2, "inpainting_fill": 1}}
+    with running(_config(tiny_models, tmp_path / "data")) as srv:
+        ids = {mode: httpx.post(srv.url + "/api/v1/jobs", json=body, timeout=30).json()["id"]
+               for mode, body in jobs.items()}
+        for job_id in ids.values():
+            assert _wait_state(srv.url, job_id, ("done", "failed"))["state"] == "done"
+        listed = {j["id"]: j for j in httpx.get(srv.url + "/api/v1/jobs").json()}
+        for mode, job_id in ids.items():
+            j = listed[job_id]
+            assert j["mode"] == mode and len(j["images"]) == 1
+            p = j["parameters"]
+            assert p["prompt"] == "a boat" and p["seed"] == 7 and p["steps"] == 3
+            assert "init_images" not in p and "mask" not in p  # the listing stays small
+        assert listed[ids["img2img"]]["parameters"]["denoising_strength"] == 0.6
+        assert "Mask blur: 2" in listed[ids["inpaint"]]["infotexts"][0]
+        img = Image.open(io.BytesIO(httpx.get(srv.url + listed[ids["inpaint"]]["images"][0]).content))
+        assert img.size == (SIZE, SIZE)
 
 
 def test_cors_is_off_unless_asked(tiny_models, tmp_path):

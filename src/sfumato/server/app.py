@@ -3,7 +3,8 @@
 Every route goes through :class:`Guard` (a plain ASGI middleware, so event streams and web sockets are
 covered too): the API key (``Authorization: Bearer KEY``, ``X-API-Key: KEY`` or ``?api_key=KEY`` for
 browsers' EventSource) or HTTP basic credentials when any are configured, and the body size limit
-(413). Errors are JSON ``{"error": <kind>, "detail": <message>}``: 400 malformed input or an unknown
+(413). The web page's own scripts and styles (``GET /static/...``, the files in the package) are public,
+so a page opened with ``?api_key=KEY`` can load them; ``/`` and every API route need credentials. Errors are JSON ``{"error": <kind>, "detail": <message>}``: 400 malformed input or an unknown
 sampler/model (the message lists the valid names), 401 no or wrong credentials, 404 no such job,
 413 too large, 422 a value out of range (the message names the field and the allowed range).
 """
@@ -25,12 +26,16 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 
 from sfumato.errors import InvalidParameterError, SfumatoError
 from sfumato.server import a1111
 from sfumato.server.a1111 import Limits, RequestError
 from sfumato.server.jobs import TERMINAL, Job, JobStore, Scheduler, error_status
 from sfumato.server.models import Registry
+
+
+STATIC = Path(__file__).parent / "static"  # the web UI: index.html, app.js, style.css (no outside resources)
 
 
 class ServerConfigError(SfumatoError):
@@ -99,7 +104,9 @@ class Guard:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
-        if not self._authorized(scope):
+        public = scope["type"] == "http" and scope.get("method") in ("GET", "HEAD") and \
+            scope.get("path", "").startswith("/static/")
+        if not public and not self._authorized(scope):
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1008})
                 return
@@ -355,7 +362,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         job = scheduler.get(job_id)
         if job is not None:
             d = {"id": job.id, "type": job.kind, "api": job.api, "state": job.state, "created": job.created,
-                 "started": job.started, "finished": job.finished, "error": job.error}
+                 "started": job.started, "finished": job.finished, "error": job.error,
+                 "mode": _mode(job.kind, job.request), "parameters": _parameters(job.request)}
             d.update(progress=job.progress, eta=job.eta(), step=job.step, steps=job.steps,
                      preview=f"/api/v1/jobs/{job.id}/preview.png" if job.latent is not None else None,
                      images=[], infotexts=[], seeds=[])
@@ -367,7 +375,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         files = result.get("files", [])
         return {"id": row["id"], "type": row["kind"], "api": row["api"], "state": row["state"],
                 "created": row["created"], "started": row["started"], "finished": row["finished"],
-                "error": row["error"], "progress": 1.0 if row["state"] in ("done", "interrupted") else 0.0,
+                "error": row["error"], "mode": _mode(row["kind"], row["request"]),
+                "parameters": _parameters(row["request"]), "progress": 1.0 if row["state"] in ("done", "interrupted") else 0.0,
                 "eta": 0.0, "preview": None,
                 "images": [f"/api/v1/jobs/{row['id']}/images/{i}.png" for i in range(len(files))]
                 if row["api"] == "native" else [],
@@ -453,7 +462,9 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
-        return FileResponse(Path(__file__).parent / "static" / "index.html", media_type="text/html")
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/api/v1/health")
     async def health() -> dict[str, Any]:
@@ -478,6 +489,16 @@ def _storable(body: dict[str, Any]) -> dict[str, Any]:
     """The request as recorded (and re-parsed after a restart)."""
     return {k: v for k, v in body.items() if k in a1111.IMG2IMG_DEFAULTS or k in a1111.TXT2IMG_DEFAULTS
             or k == "type"}
+
+
+def _parameters(request: dict[str, Any]) -> dict[str, Any]:
+    """A job's recorded request (its seed resolved) without the input images, for listings and reuse."""
+    return {k: v for k, v in request.items() if k not in ("init_images", "mask")}
+
+
+def _mode(kind: str, request: dict[str, Any]) -> str:
+    """txt2img, img2img, or inpaint (an img2img request with a mask)."""
+    return "inpaint" if kind == "img2img" and request.get("mask") else kind
 
 
 def serve(config: ServerConfig) -> None:
