@@ -18,9 +18,12 @@ pytestmark = pytest.mark.skipif(not _SHIPPED, reason="built-in model not shipped
 
 def test_default_server_model_is_the_builtin(tmp_path):
     import sfumato
+    from sfumato.cli import _builtin_or_none
     from sfumato.server.app import ServerConfig
 
-    with running(ServerConfig(model=None, data_dir=tmp_path / "data")) as srv:
+    default = _builtin_or_none()  # what `sfumato serve` without --model serves
+    assert default is not None
+    with running(ServerConfig(model=default, data_dir=tmp_path / "data")) as srv:
         api = webuiapi.WebUIApi(port=srv.port, sampler="Euler", steps=20)
         r = api.txt2img(prompt="a red circle on a white background", width=64, height=64, seed=7, cfg_scale=7)
         models = api.get_sd_models()
