@@ -172,12 +172,16 @@ def test_convert(model, tmp_path, capsys):
 
 # --- errors before any work --------------------------------------------------------------------------
 
-def test_generate_errors(tmp_path, capsys):
+def test_generate_errors(tmp_path, capsys, monkeypatch):
     absent = tmp_path / "absent.safetensors"
     code, out, err = run(capsys, "generate", "p", "--model", absent, "--outdir", tmp_path / "o", "-q")
     assert (code, out) == (2, "") and err == f"sfumato: error: {absent}: no such file or folder\n"
+    # an installation without the built-in model's file: a clear one-line error, not a traceback
+    import importlib.resources
+    monkeypatch.setattr(importlib.resources, "files", lambda package: tmp_path / "site-packages" / package)
     code, _, err = run(capsys, "generate", "p", "--outdir", tmp_path / "o", "-q")
     assert code == 2 and err.startswith("sfumato: error: ") and "built-in model" in err and err.count("\n") == 1
+    monkeypatch.undo()
 
     existing = tmp_path / "taken.png"
     existing.write_bytes(b"keep me")
