@@ -198,6 +198,11 @@ def test_refiner_after_inpainting_keeps_the_unmasked_area(ours):
     assert np.abs(out[keep] - np.asarray(image, dtype=np.int16)[keep]).max() == 0
     inside = np.asarray(mask) > 0
     assert np.abs(out[inside] - np.asarray(image, dtype=np.int16)[inside]).mean() > 5
+    # the refiner's steps reached the masked area (not only the base's); diffusers is no reference here: its
+    # inpaint refiner re-noises the handed-over latents outside the mask instead of the original image's
+    alone = np.asarray(ours[0].inpaint(image, mask, "a tree", steps=STEPS, sampler="euler", seed=2, mask_blur=2
+                                       ).images[0], dtype=np.int16)
+    assert np.abs(out[inside] - alone[inside]).max() > 1 and np.abs(out[keep] - alone[keep]).max() == 0
     assert "Refiner switch at: 0.8" in res.infotexts[0] and "Mask blur: 2" in res.infotexts[0]
 
 
@@ -308,3 +313,104 @@ def test_fp16_fix_vae_override_decodes_in_half(folders, tmp_path):
     pipe.generate("a", steps=2, seed=1, width=SIZE, height=SIZE, sampler="euler")
     assert seen == [torch.bfloat16]
     assert sfumato.load(folders[0], dtype="bf16", vae=folders[0] / "vae").spec.vae_upcast
+
+
+def test_refiner_img2img_non_default_crop_and_aesthetic_scores(folders, ours):
+    """The refiner's negative crop defaults to (0, 0) as diffusers' does, and non-default aesthetic scores
+    reach the UNet (each measured to move the image by several levels, so the parity bound has teeth)."""
+    ref = _ref(folders[1], "img2img")
+    image = _image(3)
+    kw = dict(crops_coords_top_left=(8, 4), aesthetic_score=7.5, negative_aesthetic_score=1.5)
+    want = ref("a small house", negative_prompt="blurry", image=image, strength=0.5, num_inference_steps=STEPS,
+               guidance_scale=5.0, generator=torch.Generator().manual_seed(3), **kw).images[0]
+    got = ours[1].img2img(image, "a small house", "blurry", strength=0.5, steps=STEPS, cfg_scale=5.0,
+                          sampler="euler", schedule="leading", seed=3, **kw).images[0]
+    d = _maxdiff(got, want)
+    assert d <= 1, f"refiner img2img with crop and aesthetic scores: max |diff| = {d}/255"
+    common = dict(strength=0.5, steps=STEPS, cfg_scale=5.0, sampler="euler", schedule="leading", seed=3)
+    plain = ours[1].img2img(image, "a small house", "blurry", crops_coords_top_left=(8, 4), **common).images[0]
+    assert _maxdiff(plain, got) > 1, "the aesthetic scores changed nothing"
+    both = ours[1].img2img(image, "a small house", "blurry", negative_crops_coords_top_left=(8, 4), **kw,
+                           **common).images[0]
+    assert _maxdiff(both, got) > 1, "the negative crop changed nothing"
+
+
+def test_txt2img_negative_sizes_without_a_negative_crop(folders, ours):
+    """diffusers' txt2img: with both negative sizes given, the negative crop defaults to (0, 0), not to
+    the positive crop."""
+    ref = _ref(folders[0], "txt2img")
+    cond = dict(crops_coords_top_left=(8, 4), negative_original_size=(16, 24), negative_target_size=(32, 32))
+    want = ref("a red circle", negative_prompt="blurry", num_inference_steps=STEPS, guidance_scale=5.0,
+               height=SIZE, width=SIZE, generator=torch.Generator().manual_seed(4), **cond).images[0]
+    got = ours[0].generate("a red circle", "blurry", steps=STEPS, cfg_scale=5.0, sampler="euler",
+                           schedule="leading", seed=4, width=SIZE, height=SIZE, **cond).images[0]
+    d = _maxdiff(got, want)
+    assert d <= 1, f"sdxl txt2img, negative sizes only: max |diff| = {d}/255"
+
+
+
+def test_prompt_language_in_prompt_2_reaches_only_the_second_encoder(ours):
+    """Emphasis, prompt editing and AND parts of ``prompt_2`` act on the bigG half of the context (and its
+    pooled vector); the CLIP-L half follows ``prompt`` alone; the two editing schedules merge per step."""
+    from sfumato.params import GenerationParams
+    from sfumato.pipeline import _Conds, conditioning
+    from sfumato.text.conditioning import encode_prompt
+
+    base = ours[0]
+    w1 = base.spec.text_encoders[0].config.width
+
+    def enc(text, text_2):
+        return encode_prompt(base.text_encoders, base.spec.text_encoders, base.tokenizer, text, text_2=text_2)
+
+    p = GenerationParams(prompt="[a cat:a dog:0.3] on grass", prompt_2="a (lake:1.5) [at dawn:at dusk:0.6]",
+                         steps=10, negative_prompt="blurry", negative_prompt_2="[dark:grainy:0.5]")
+    conds = conditioning(base, p)
+    ((weight, sched),) = conds.parts
+    assert weight == 1.0 and [end for end, _ in sched] == [3, 6, 10]  # edits at steps 3 (prompt) and 6 (prompt_2)
+    expected = [("a cat on grass", "a (lake:1.5) at dawn"), ("a dog on grass", "a (lake:1.5) at dawn"),
+                ("a dog on grass", "a (lake:1.5) at dusk")]
+    for (_, got), (text, text_2) in zip(sched, expected):
+        want = enc(text, text_2)
+        assert torch.equal(got.context, want.context) and torch.equal(got.pooled, want.pooled)
+    assert [end for end, _ in conds.negative] == [5, 10]
+    assert torch.equal(_Conds.at(conds.negative, 6).context, enc("blurry", "grainy").context)
+
+    plain = enc("a dog on grass", "a lake at dusk")
+    weighted = sched[-1][1]
+    assert torch.equal(weighted.context[..., :w1], plain.context[..., :w1])  # CLIP-L: prompt only
+    assert (weighted.context[..., w1:] - plain.context[..., w1:]).abs().max() > 1e-3  # emphasis on bigG
+
+    anded = conditioning(base, GenerationParams(prompt="a cat AND a dog :0.5", prompt_2="oil AND ink", steps=10))
+    assert [w for w, _ in anded.parts] == [1.0, 0.5]
+    for (_, s), (text, text_2) in zip(anded.parts, [("a cat", "oil"), ("a dog", "ink")]):
+        assert torch.equal(s[0][1].context, enc(text, text_2).context)
+
+
+def test_cli_img2img_with_refiner_and_every_negative_option(folders, ours, tmp_path):
+    """Every SDXL option of the CLI reaches the pipeline and the PNG metadata, on img2img with a refiner."""
+    from sfumato.cli import main
+    from sfumato.metadata import params_from_infotext, read_parameters
+
+    src, out = tmp_path / "in.png", tmp_path / "xl-i2i.png"
+    _image(11).save(src)
+    code = main(["img2img", str(src), "a boat", "--model", str(folders[0]), "--refiner", str(folders[1]),
+                 "--switch-at", "0.6", "--strength", "0.7", "--negative", "fog", "--negative-2", "dark",
+                 "--target-size", "40x32", "--negative-original-size", "24x16", "--negative-target-size", "32x32",
+                 "--negative-crop", "6,2", "--negative-aesthetic-score", "1.5", "--steps", "6", "--seed", "5",
+                 "--sampler", "euler", "-o", str(out), "-q"])
+    assert code == 0
+    text = read_parameters(out)
+    for part in ("Negative prompt 2: dark", "Target size: 40x32", "Negative original size: 24x16",
+                 "Negative target size: 32x32", 'Negative crop top left: "6,2"', "Negative aesthetic score: 1.5",
+                 "Refiner switch at: 0.6"):
+        assert part in text, (part, text)
+    p = params_from_infotext(text)
+    assert (p.target_size, p.negative_original_size, p.negative_crops_coords_top_left) == ((32, 40), (16, 24), (2, 6))
+    want = ours[0].img2img(Image.open(src), "a boat", "fog", negative_prompt_2="dark", strength=0.7, steps=6,
+                           seed=5, sampler="euler", target_size=(32, 40), negative_original_size=(16, 24),
+                           negative_target_size=(32, 32), negative_crops_coords_top_left=(2, 6),
+                           negative_aesthetic_score=1.5, refiner=ours[1], refiner_switch_at=0.6).images[0]
+    assert _maxdiff(Image.open(out).convert("RGB"), want) == 0
+    plain = ours[0].img2img(Image.open(src), "a boat", "fog", strength=0.7, steps=6, seed=5, sampler="euler",
+                            refiner=ours[1], refiner_switch_at=0.6).images[0]
+    assert _maxdiff(plain, want) > 1, "the negative options changed nothing"

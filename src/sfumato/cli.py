@@ -278,7 +278,8 @@ def _generation_options(p: argparse.ArgumentParser) -> None:
         xl.add_argument(f"--negative-{flag}", metavar="WxH", help=f"{what} of the negative half (default: "
                         f"--{flag})")
     xl.add_argument("--crop", metavar="X,Y", help="micro-conditioning crop top-left, left,top (default: 0,0)")
-    xl.add_argument("--negative-crop", metavar="X,Y", help="crop of the negative half (default: --crop)")
+    xl.add_argument("--negative-crop", metavar="X,Y", help="crop of the negative half (default: 0,0 on a refiner or "
+                    "when both negative sizes are given, else --crop)")
     xl.add_argument("--aesthetic-score", type=float, help="refiner aesthetic score (default: 6)")
     xl.add_argument("--negative-aesthetic-score", type=float, help="refiner negative aesthetic score (default: 2.5)")
 

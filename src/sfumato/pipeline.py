@@ -247,21 +247,25 @@ def _size_vector(pipe: Pipeline, cond: Conditioning, p: GenerationParams, batch:
 
     Base: (original size, crop top-left, target size); refiner: (original size, crop, aesthetic score),
     each a (height, width) / (top, left) pair as diffusers orders them, defaulting to the output size and
-    (0, 0). The negative half uses the ``negative_*`` values, each defaulting to its positive one.
-    (diffusers differs in corner cases: its txt2img uses the negative sizes only when both are given and
-    then defaults the negative crop to (0, 0); its img2img/inpaint base ignores ``negative_crops``.)
+    (0, 0). The negative half uses the ``negative_*`` values; the negative sizes default to the positive
+    ones, the negative crop to (0, 0) on the refiner or when both negative sizes are given (diffusers'
+    refiner and txt2img defaults), else to the positive crop. diffusers differs in two corner cases
+    where it drops a value the caller gave: its txt2img ignores a lone negative size (and the negative
+    crop without both sizes), its img2img/inpaint base ignores ``negative_crops_coords_top_left``.
     """
     if pipe.spec.unet.adm_kind != "text_time":
         return None
+    refiner = pipe.spec.size_conditioning == "refiner"
     size = (p.height, p.width)
     original, crop, target = p.original_size or size, p.crops_coords_top_left, p.target_size or size
     score = p.aesthetic_score
     if negative:
+        both_sizes = p.negative_original_size is not None and p.negative_target_size is not None
         original = p.negative_original_size or original
-        crop = p.negative_crops_coords_top_left or crop
+        crop = p.negative_crops_coords_top_left or ((0, 0) if refiner or both_sizes else crop)
         target = p.negative_target_size or target
         score = p.negative_aesthetic_score
-    ids = [*original, *crop, score] if pipe.spec.size_conditioning == "refiner" else [*original, *crop, *target]
+    ids = [*original, *crop, score] if refiner else [*original, *crop, *target]
     t = torch.tensor(ids, dtype=torch.float32, device=cond.context.device)
     emb = timestep_embedding(t, 256).reshape(1, -1).to(cond.pooled.dtype)
     return torch.cat([cond.pooled, emb], dim=1).expand(batch, -1)

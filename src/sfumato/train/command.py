@@ -3,6 +3,7 @@
     sfumato train builtin --out run --minutes 35          # both stages, then run/model.safetensors
     sfumato train vae --out run --steps 800               # run/vae.safetensors (latent scale in its metadata)
     sfumato train diffusion --vae run/vae.safetensors --out run --steps 1500 [--resume]
+    sfumato train diffusion --init builtin --out run2 --steps 1000   # continue training a model
 
 Argument parsing only imports the standard library; torch and the trainer load when a command runs.
 """
@@ -62,8 +63,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        "writes checkpoint.pt and model.safetensors")
     _common(d)
     _stage(d, steps=1500, batch=32, lr=3e-4)
-    d.add_argument("--vae", required=True, metavar="PATH", help="the autoencoder (vae.safetensors of `train vae`)")
-    d.add_argument("--prediction", choices=("eps", "v"), default="eps", help="what the UNet predicts (default: eps)")
+    d.add_argument("--vae", metavar="PATH", help="the autoencoder (vae.safetensors of `train vae`); required "
+                   "without --init")
+    d.add_argument("--init", metavar="MODEL", help="start from this model's UNet, text encoder, autoencoder and "
+                   "latent scale (a checkpoint file or folder; 'builtin': the built-in model) instead of random "
+                   "weights")
+    d.add_argument("--prediction", choices=("eps", "v"), help="what the UNet predicts (default: the --init "
+                   "model's, else the built-in preset's, v)")
+    d.add_argument("--offset-noise", type=float, default=0.0, help="offset-noise std (default: 0)")
+    d.add_argument("--snr-gamma", type=float, help="Min-SNR-gamma loss weighting, e.g. 5 (default: plain MSE)")
     d.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step (default: 1)")
     d.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay (default: 0.999)")
     d.add_argument("--caption-dropout", type=float, default=0.1, help="empty-prompt fraction, for CFG (default: 0.1)")
@@ -110,19 +118,33 @@ def run(args: argparse.Namespace) -> int:
     else:
         from sfumato.train.diffusion_stage import CHECKPOINT, train_diffusion
 
-        vae, scale = load_trained_vae(args.vae)
+        spec, nets = BUILTIN, {}
+        if args.init is not None:
+            import sfumato
+
+            pipe = sfumato.load(None if args.init == "builtin" else args.init, dtype="fp32")
+            spec, vae, scale = pipe.spec, pipe.vae, pipe.spec.latent_scale
+            nets = {"unet": pipe.unet, "text_encoders": pipe.text_encoders}
+            log(f"starting from {args.init} ({spec.family}, {spec.prediction}-prediction, latent scale {scale:.5f})")
+        elif args.vae is None:
+            log("error: give the autoencoder (--vae PATH) or a model to start from (--init MODEL)")
+            return 2
+        else:
+            vae, scale = load_trained_vae(args.vae)
         if scale is None:
             scale = 1.0 / measure_latent_std(vae, data.images, seed=args.seed)
             log(f"{args.vae} stores no latent scale; measured {scale:.5f}")
-        res = train_diffusion(BUILTIN, vae, data, steps=args.steps, batch_size=args.batch, lr=args.lr,
-                              prediction=args.prediction, caption_dropout=args.caption_dropout,
+        res = train_diffusion(spec, vae, data, steps=args.steps, batch_size=args.batch, lr=args.lr,
+                              prediction=args.prediction or spec.prediction, caption_dropout=args.caption_dropout,
+                              offset_noise=args.offset_noise, snr_gamma=args.snr_gamma, **nets,
                               ema_decay=args.ema_decay, grad_accum=args.grad_accum,
                               mixed_precision=args.mixed_precision, seed=args.seed, out_dir=out,
                               resume_from=_resume(args, CHECKPOINT), checkpoint_every=args.checkpoint_every,
                               train_text_encoder=not args.freeze_text_encoder, latent_scale=scale,
                               device=args.device, progress=not args.quiet)
         path = export_pipeline(res.spec, res.unet_ema, vae, res.text_encoders_ema, out / MODEL_FILE,
-                               metadata={"sfumato.train.steps": str(res.step), "sfumato.train.seed": str(args.seed)})
+                               metadata={"sfumato.train.steps": str(res.step), "sfumato.train.seed": str(args.seed),
+                                         **({"sfumato.train.init": str(args.init)} if args.init else {})})
         print(path)
     seconds = time.monotonic() - t0
     took = f"{seconds:.1f}s" if seconds < 120 else f"{seconds / 60:.1f} min"

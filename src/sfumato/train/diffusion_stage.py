@@ -59,6 +59,7 @@ __all__ = [
     "diffusion_target",
     "encode_latents",
     "encode_text",
+    "min_snr_weight",
     "tokenize_captions",
     "train_diffusion",
 ]
@@ -127,6 +128,16 @@ def diffusion_target(x0: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor, s
     return alpha * eps - sigma * x0
 
 
+def min_snr_weight(alpha: torch.Tensor, sigma: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting"):
+    the x0-space weight min(SNR, gamma) expressed for the network's target, so that the many low-noise
+    timesteps stop dominating the gradient. SNR = alpha^2 / sigma^2; eps: min(SNR, gamma) / SNR;
+    v: min(SNR, gamma) / (SNR + 1). Shaped like ``alpha``."""
+    snr = alpha.double() ** 2 / sigma.double() ** 2
+    w = snr.clamp(max=gamma) / (snr if prediction == "eps" else snr + 1)
+    return w.to(alpha.dtype)
+
+
 def train_diffusion(
     spec: ModelSpec,
     vae: AutoencoderKL,
@@ -138,6 +149,7 @@ def train_diffusion(
     prediction: str = "eps",
     caption_dropout: float = 0.1,
     offset_noise: float = 0.0,
+    snr_gamma: float | None = None,
     ema_decay: float = 0.999,
     grad_accum: int = 1,
     mixed_precision: str = "no",
@@ -171,6 +183,9 @@ def train_diffusion(
     random attention), so it must learn them from the captions. Fine-tuning a released model passes its
     ``unet`` and ``text_encoders`` and usually ``train_text_encoder=False`` (as the SD releases kept CLIP frozen).
 
+    ``snr_gamma``: weight each sample's loss by Min-SNR-gamma (:func:`min_snr_weight`; None: plain MSE).
+    ``offset_noise``: the std of a per-image, per-channel constant added to the noise (Guttenberg 2023).
+
     ``latent_scale``: the VAE's (``TrainedVAE.latent_scale``), default ``spec.latent_scale``; latents are
     posterior samples (``sample_latents``) or means, times the scale. ``mixed_precision`` "bf16"/"fp16"
     autocasts on CUDA only; the CPU trains in fp32. ``out_dir`` receives ``checkpoint.pt`` (every
@@ -180,6 +195,10 @@ def train_diffusion(
     for a ``seed``: weights init from ``torch.manual_seed(seed)``, every draw from one seeded generator.
     """
     _check_args(spec, steps, batch_size, lr, prediction, caption_dropout, grad_accum, checkpoint_every)
+    if snr_gamma is not None and not snr_gamma > 0:
+        raise InvalidParameterError(f"snr_gamma must be > 0 (5 is the paper's), got {snr_gamma}")
+    if not 0.0 <= offset_noise <= 1.0:
+        raise InvalidParameterError(f"offset_noise must be in [0, 1], got {offset_noise}")
     device = torch.device(device)
     images, captions = as_captioned(dataset)
     n = len(images)
@@ -189,7 +208,8 @@ def train_diffusion(
     out = Path(out_dir) if out_dir is not None else None
     hparams = {"batch_size": batch_size, "grad_accum": grad_accum, "seed": seed, "n_images": n,
                "prediction": prediction, "caption_dropout": caption_dropout, "latent_scale": scale,
-               "train_text_encoder": train_text_encoder, "sample_latents": sample_latents, "offset_noise": offset_noise}
+               "train_text_encoder": train_text_encoder, "sample_latents": sample_latents, "offset_noise": offset_noise,
+               "snr_gamma": snr_gamma}
 
     # Latents and token ids, once: the VAE and the tokenizer are fixed during training.
     vae = vae.to(device).eval().requires_grad_(False)
@@ -250,7 +270,9 @@ def train_diffusion(
             with torch.set_grad_enabled(train_text_encoder):
                 context = encode_text(encoders, te_specs, batch_ids)  # (B, 77, D)
             out = unet(x_t.to(device), t.to(device), context=context)
-        return F.mse_loss(out.float(), target)
+        if snr_gamma is None:
+            return F.mse_loss(out.float(), target)
+        return (min_snr_weight(alpha, sigma, snr_gamma, prediction).to(device) * (out.float() - target) ** 2).mean()
 
     def checkpoint() -> Path | None:
         if out is None:
