@@ -20,7 +20,7 @@ from sfumato.errors import CheckpointError
 from sfumato.sampling import discrete_schedule
 from sfumato.train import scenes
 from sfumato.train.common import EMA, batch_indices, lr_at
-from sfumato.train.diffusion_stage import CHECKPOINT, add_noise, diffusion_target, train_diffusion
+from sfumato.train.diffusion_stage import CHECKPOINT, add_noise, diffusion_target, min_snr_weight, train_diffusion
 from sfumato.train.trainer import export_pipeline
 from sfumato.train.vae_stage import VAE_CHECKPOINT, train_vae
 from sfumato.weights import io
@@ -94,6 +94,25 @@ def test_noising_and_v_target_match_diffusers() -> None:
     assert d_noise <= 1e-6, f"x_t vs diffusers add_noise: max|diff| {d_noise:.3g}"
     assert d_v <= 1e-6, f"v vs diffusers get_velocity: max|diff| {d_v:.3g}"
     assert diffusion_target(x0, eps, alpha, sigma, "eps") is eps
+
+
+def test_min_snr_weights_match_diffusers_training_utils() -> None:
+    """Min-SNR-gamma weights as diffusers' training scripts compute them (``compute_snr``, then
+    min(snr, gamma) / snr for eps and / (snr + 1) for v)."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    ref = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    t = torch.tensor([0, 1, 30, 250, 500, 998, 999])
+    _, alpha, sigma = add_noise(torch.zeros(7, 1, 1, 1), torch.zeros(7, 1, 1, 1),
+                                discrete_schedule(BUILTIN.schedule).alphas_cumprod.float(), t)
+    snr = compute_snr(ref, t)
+    for gamma in (1.0, 5.0):
+        clipped = torch.stack([snr, gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0]
+        for prediction, want in (("eps", clipped / snr), ("v", clipped / (snr + 1))):
+            got = min_snr_weight(alpha, sigma, gamma, prediction).flatten()
+            d = float(((got - want) / want).abs().max())
+            assert d <= 1e-5, f"min-SNR {prediction} gamma {gamma}: max relative diff {d:.3g}"
 
 
 # --- the autoencoder stage --------------------------------------------------------------------------------
@@ -190,6 +209,34 @@ def test_cli_trains_resumes_and_exports(tmp_path) -> None:
     assert torch.load(out / CHECKPOINT, weights_only=True)["step"] == 3
     pipe = sfumato.load(out / "model.safetensors")
     assert pipe.spec.family == "builtin" and pipe.dtype == torch.float32
+
+
+def test_cli_continues_a_model_with_init(tmp_path, capsys) -> None:
+    """`sfumato train diffusion --init builtin`: starts from the built-in model's weights (its autoencoder,
+    latent scale and prediction kept), with Min-SNR weighting and offset noise; without --vae or --init it
+    is a clear error."""
+    from sfumato.cli import main
+
+    common = ["--n-images", "4", "--batch", "2", "-q", "--threads", "1", "--steps", "2"]
+    threads = torch.get_num_threads()
+    try:
+        assert main(["train", "diffusion", "--out", str(tmp_path / "x"), *common]) == 2
+        assert "--init" in capsys.readouterr().err
+        assert main(["train", "diffusion", "--out", str(tmp_path / "run"), *common, "--init", "builtin", "--lr",
+                     "1e-4", "--snr-gamma", "5", "--offset-noise", "0.1"]) == 0
+        assert main(["train", "diffusion", "--out", str(tmp_path / "bad"), *common, "--init", "builtin",
+                     "--snr-gamma", "0"]) == 2
+    finally:
+        torch.set_num_threads(threads)
+    base, tuned = sfumato.load(), sfumato.load(tmp_path / "run" / "model.safetensors")
+    assert (tuned.spec.family, tuned.spec.prediction, tuned.spec.latent_scale) == \
+        (base.spec.family, base.spec.prediction, base.spec.latent_scale)
+    assert all(torch.equal(a, b) for a, b in zip(base.vae.state_dict().values(), tuned.vae.state_dict().values()))
+    pairs = list(zip(base.unet.state_dict().values(), tuned.unet.state_dict().values()))
+    moved = max(float((a - b).abs().max()) for a, b in pairs)
+    assert 0 < moved < 0.01, f"two steps at lr 1e-4 from the built-in weights moved them by {moved}"
+    with io.open_checkpoint(tmp_path / "run" / "model.safetensors") as ckpt:
+        assert ckpt.metadata["sfumato.train.init"] == "builtin"
 
 
 def test_vae_crops_lie_on_the_latent_grid_and_bad_crops_are_refused() -> None:
