@@ -273,3 +273,81 @@ def test_model_cache_evicts_the_least_recently_used(tiny_models):
     cache.budget = int(size * 1.5)
     cache.get(b)
     assert cache.loaded() == [str(b.path)]
+
+
+def test_switching_checkpoints_frees_the_evicted_model(tiny_models):
+    """Switching back and forth within a one-model budget keeps one pipeline alive: every evicted one is
+    garbage (no reference kept by the cache, the registry or a worker), so memory does not grow."""
+    import gc
+    import weakref
+
+    from sfumato.server.models import ModelCache, Registry, pipeline_bytes
+
+    reg = Registry(tiny_models / "sd1", tiny_models)
+    a, b = reg.find("sd1"), reg.find("sd1b")
+    cache = ModelCache("cpu", None, budget=0)
+    cache.budget = int(pipeline_bytes(cache.get(a)) * 1.5)
+    refs = []
+    for ckpt in [b, a, b, a, b]:
+        refs.append(weakref.ref(cache.get(ckpt)))
+    gc.collect()
+    alive = [r() is not None for r in refs]
+    assert alive == [False, False, False, False, True], alive
+    assert cache.loaded() == [str(b.path)]
+
+
+def test_jobs_run_one_at_a_time_in_order_of_arrival(tiny_models, tmp_path):
+    with running(_config(tiny_models, tmp_path / "data")) as srv:
+        ids = [httpx.post(srv.url + "/api/v1/jobs", json={**JOB, "seed": s}, timeout=30).json()["id"]
+               for s in range(5)]
+        jobs = [_wait_state(srv.url, i, ("done", "failed")) for i in ids]
+    assert [j["state"] for j in jobs] == ["done"] * 5 and [j["seeds"] for j in jobs] == [[s] for s in range(5)]
+    for earlier, later in zip(jobs, jobs[1:]):
+        assert earlier["created"] <= later["created"]
+        assert earlier["finished"] <= later["started"], "a job started before the one ahead of it finished"
+
+
+def test_refresh_checkpoints_finds_new_files(tiny_models, tmp_path):
+    import shutil
+
+    from sfumato.server.app import ServerConfig
+
+    models = tmp_path / "models"
+    models.mkdir()
+    with running(ServerConfig(model=tiny_models / "sd1", models_dir=models, data_dir=tmp_path / "data")) as srv:
+        names = [m["title"] for m in httpx.get(srv.url + "/sdapi/v1/sd-models").json()]
+        assert names == ["sd1"]
+        shutil.copytree(tiny_models / "sd1b", models / "extra")
+        (models / "notes.txt").write_text("not a model")
+        assert httpx.get(srv.url + "/sdapi/v1/sd-models").json()[-1]["title"] == "sd1", "listed before a refresh"
+        assert httpx.post(srv.url + "/sdapi/v1/refresh-checkpoints").status_code == 200
+        names = [m["title"] for m in httpx.get(srv.url + "/sdapi/v1/sd-models").json()]
+        assert names == ["sd1", "extra"]
+        r = httpx.post(srv.url + "/sdapi/v1/txt2img", timeout=60, json={
+            "prompt": "a boat", "width": SIZE, "height": SIZE, "steps": 2, "seed": 1,
+            "override_settings": {"sd_model_checkpoint": "extra"}})
+        assert r.status_code == 200 and json.loads(r.json()["info"])["sd_model_name"] == "extra"
+
+
+def test_serve_command_defaults_and_options(monkeypatch, tmp_path, capsys):
+    """`sfumato serve`: loopback port 7860 by default; --listen binds every interface and needs credentials;
+    --api-auth, --api-key, --cors-allow-origins and --db reach the server's configuration."""
+    import sfumato.server.app as app_module
+    from sfumato.cli import main
+
+    seen = []
+    monkeypatch.setattr(app_module, "serve", seen.append)
+    monkeypatch.delenv("SFUMATO_API_KEY", raising=False)
+    assert main(["serve", "--data-dir", str(tmp_path)]) == 0
+    c = seen[-1]
+    assert (c.host, c.port, c.auth_required, c.cors_origins) == ("127.0.0.1", 7860, False, ())
+    assert c.model is not None and c.model.name == "model.safetensors"  # the built-in model
+    assert main(["serve", "--listen", "--data-dir", str(tmp_path)]) == 2
+    assert "--api-key" in capsys.readouterr().err and len(seen) == 1
+    assert main(["serve", "--listen", "--api-auth", "ann:pw1,bob:pw2", "--api-key", "k1", "--cors-allow-origins",
+                 "http://a.test, http://b.test", "--db", str(tmp_path / "j.sqlite3"), "--port", "9000",
+                 "--data-dir", str(tmp_path)]) == 0
+    c = seen[-1]
+    assert (c.host, c.port, c.api_auth, c.api_keys) == ("0.0.0.0", 9000, (("ann", "pw1"), ("bob", "pw2")), ("k1",))
+    assert c.cors_origins == ("http://a.test", "http://b.test") and c.db_path == tmp_path / "j.sqlite3"
+    assert main(["serve", "--api-auth", "nopassword", "--data-dir", str(tmp_path)]) == 2
