@@ -351,3 +351,34 @@ def test_serve_command_defaults_and_options(monkeypatch, tmp_path, capsys):
     assert (c.host, c.port, c.api_auth, c.api_keys) == ("0.0.0.0", 9000, (("ann", "pw1"), ("bob", "pw2")), ("k1",))
     assert c.cors_origins == ("http://a.test", "http://b.test") and c.db_path == tmp_path / "j.sqlite3"
     assert main(["serve", "--api-auth", "nopassword", "--data-dir", str(tmp_path)]) == 2
+
+
+def test_model_list_gives_each_models_native_size_without_loading_it(tiny_models, tmp_path, monkeypatch):
+    """GET /sdapi/v1/sd-models: `default_size` from each checkpoint's headers (built-in 64, SD 1.x 512), detected
+    once per checkpoint, never by loading the weights; an unreadable file is still listed, with no size."""
+    import sfumato
+    import sfumato.weights.detect as detect
+    from sfumato.server.app import ServerConfig
+    from sfumato.weights.load import builtin_checkpoint
+
+    assert sfumato.load(tiny_models / "sd1").spec.default_size == 512  # what the listing must agree with
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "sd1").symlink_to(tiny_models / "sd1", target_is_directory=True)
+    (models / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    calls = []
+    real = detect.detect_file
+    monkeypatch.setattr(detect, "detect_file", lambda path, **kw: calls.append(path) or real(path, **kw))
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("listing the models loaded one")
+
+    monkeypatch.setattr(sfumato, "load", no_loading)
+    with running(ServerConfig(model=builtin_checkpoint(), models_dir=models, data_dir=tmp_path / "data")) as srv:
+        for _ in range(2):
+            r = httpx.get(srv.url + "/sdapi/v1/sd-models", timeout=30)
+            assert r.status_code == 200, r.text
+            sizes = {m["title"]: m["default_size"] for m in r.json()}
+            assert sizes == {"model.safetensors": 64, "broken.safetensors": None, "sd1": 512}
+        assert len(calls) == 3, "each checkpoint is detected once, then the Registry's cache answers"
+        assert httpx.get(srv.url + "/api/v1/health").json()["loaded_models"] == []

@@ -4,13 +4,15 @@ with the mouse and inpaint; reopen a past result from the history; drop a PNG an
 A screenshot of each state goes to ``test-artifacts/webui/``.
 
 Skipped when Playwright or a Chromium binary is missing (``.ci/run`` installs both: Debian's ``chromium``
-package, since Playwright's own browser download needs the internet). ``SFUMATO_CHROMIUM`` names another
-binary.
+package, since Playwright's own browser download needs the internet), unless ``SFUMATO_REQUIRE_BROWSER=1``
+(``.ci/run`` sets it once Chromium is installed), which makes a missing one a failure. ``SFUMATO_CHROMIUM``
+names another binary.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import shutil
@@ -22,7 +24,14 @@ from PIL import Image
 
 from .server_util import running
 
-sync_api = pytest.importorskip("playwright.sync_api")
+REQUIRE_BROWSER = os.environ.get("SFUMATO_REQUIRE_BROWSER") == "1"
+try:
+    from playwright import sync_api
+except ImportError:
+    if REQUIRE_BROWSER:
+        pytest.fail("SFUMATO_REQUIRE_BROWSER=1 but Playwright is not installed (pip install -e '.[test]')",
+                    pytrace=False)
+    pytest.skip("Playwright is not installed", allow_module_level=True)
 httpx = pytest.importorskip("httpx")
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "webui"
@@ -51,7 +60,10 @@ def server(tiny_models, tmp_path_factory):
 def browser():
     path = _chromium()
     if path is None:
-        pytest.skip("no Chromium binary (apt-get install chromium, or set SFUMATO_CHROMIUM)")
+        why = "no Chromium binary (apt-get install chromium, or set SFUMATO_CHROMIUM)"
+        if REQUIRE_BROWSER:
+            pytest.fail(f"SFUMATO_REQUIRE_BROWSER=1 but {why}", pytrace=False)
+        pytest.skip(why)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_api.sync_playwright() as p:
         # --no-sandbox: CI containers run as root, where Chromium's sandbox cannot start
@@ -60,18 +72,25 @@ def browser():
         b.close()
 
 
-@pytest.fixture
-def page(browser, server):
+@contextlib.contextmanager
+def _open(browser, url: str):
+    """The web page of the server at ``url``, ready (lists loaded); no script error may happen on it."""
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(server.url + "/")
+    page.goto(url + "/")
     page.wait_for_selector("body[data-ready=true]")
     yield page
     context.close()
     assert not errors, errors
+
+
+@pytest.fixture
+def page(browser, server):
+    with _open(browser, server.url) as p:
+        yield p
 
 
 def _shot(page, name: str) -> None:
@@ -211,3 +230,86 @@ def test_drop_a_png_to_read_its_parameters(page):
     assert page.input_value("#cfg") == "6.5" and page.input_value("#schedule") == "karras"
     assert not page.is_visible("#drop-overlay")
     _shot(page, "07-png-parameters")
+
+
+def test_width_and_height_follow_the_selected_model(browser, tiny_models, tmp_path):
+    """The built-in model (the server's default) makes 64x64 images, the tiny SD 1.x model 512x512: the size
+    fields follow the picked model until the user types a size; a model of unknown size leaves them alone."""
+    from sfumato.server.app import ServerConfig
+    from sfumato.weights.load import builtin_checkpoint
+
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "sd1").symlink_to(tiny_models / "sd1", target_is_directory=True)
+    (models / "unknown.safetensors").write_bytes(b"not a checkpoint")
+    config = ServerConfig(model=builtin_checkpoint(), models_dir=models, data_dir=tmp_path / "data")
+    size = lambda p: (p.input_value("#width"), p.input_value("#height"))  # noqa: E731
+    with running(config) as srv, _open(browser, srv.url) as page:
+        assert page.input_value("#model") == "model.safetensors"
+        assert size(page) == ("64", "64")
+        page.select_option("#model", "sd1")
+        assert size(page) == ("512", "512")
+        page.select_option("#model", "unknown.safetensors")
+        assert size(page) == ("512", "512") and not page.is_visible("#size-native")
+        page.select_option("#model", "model.safetensors")
+        assert size(page) == ("64", "64")
+        assert "64×64" in page.inner_text("#size-hint")
+
+        page.fill("#width", "48")  # the user's size stays
+        page.select_option("#model", "sd1")
+        assert size(page) == ("48", "64")
+        page.click("#size-native")  # until they ask for the model's again
+        assert size(page) == ("512", "512")
+        page.select_option("#model", "model.safetensors")
+        assert size(page) == ("64", "64")
+        _shot(page, "08-model-size")
+
+
+def test_hires_fix_from_the_page(page):
+    assert page.is_disabled("#hr-scale")  # hires options wait for the checkbox
+    upscalers = page.locator("#hr-upscaler option").all_inner_texts()
+    assert upscalers[0] == "Latent" and "Latent (bicubic antialiased)" in upscalers and "Lanczos" in upscalers
+    page.fill("#prompt", "a windmill")
+    _small(page, 3)
+    page.fill("#seed", "5")
+    page.check("#enable-hr")
+    page.fill("#hr-scale", "1.5")
+    page.fill("#hr-steps", "2")
+    page.fill("#hr-strength", "0.55")
+    page.fill("#clip-skip", "2")
+    assert page.input_value("#hr-upscaler") == "Latent"
+    assert page.inner_text("#hr-size") == f"{SIZE}×{SIZE} → 48×48."
+    _shot(page, "09-hires-controls")
+    page.click("#generate")
+    page.wait_for_selector("#status:has-text('Done')")
+    _loaded(page, "#images img")
+    info = page.inner_text("#info")
+    for field in ("Hires upscale: 1.5", "Hires steps: 2", "Hires upscaler: Latent", "Denoising strength: 0.55",
+                  f"Size: {SIZE}x{SIZE}", "Clip skip: 2", "Seed: 5"):
+        assert field in info, (field, info)
+    src = page.locator("#images img").first.get_attribute("src")
+    assert Image.open(io.BytesIO(httpx.get(page.url.rstrip("/") + src).content)).size == (48, 48)
+    _shot(page, "10-hires-generated")
+
+    page.uncheck("#enable-hr")  # reusing the result's parameters turns hires fix back on with its values
+    page.fill("#clip-skip", "1")
+    page.click("#reuse")
+    assert page.is_checked("#enable-hr") and page.input_value("#hr-scale") == "1.5"
+    assert page.input_value("#hr-strength") == "0.55" and page.input_value("#clip-skip") == "2"
+
+
+def test_refiner_from_the_page(page):
+    assert page.locator("#refiner option").all_inner_texts() == ["None", "sd1", "sd1b"]
+    assert page.is_disabled("#refiner-switch")
+    page.fill("#prompt", "a tower")
+    _small(page, 4)
+    page.select_option("#refiner", "sd1b")
+    page.fill("#refiner-switch", "0.5")
+    page.check("#enable-hr")  # the server runs one or the other: the page says so instead of sending
+    page.click("#generate")
+    page.wait_for_selector("#status:has-text('cannot run together')")
+    page.uncheck("#enable-hr")
+    page.click("#generate")
+    page.wait_for_selector("#status:has-text('Done')")
+    info = page.inner_text("#info")
+    assert "Refiner: sd1b" in info and "Refiner switch at: 0.5" in info and "Hires" not in info

@@ -294,8 +294,14 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.get("/sdapi/v1/sd-models")
     async def sd_models() -> list[dict[str, Any]]:
-        return [{"title": c.title, "model_name": c.model_name, "hash": None, "sha256": None,
-                 "filename": str(c.path), "config": None} for c in registry.list()]
+        # default_size (sfumato's addition; AUTOMATIC1111 clients ignore extra keys): the model's native
+        # width and height, or None when its headers do not tell
+        def listing() -> list[dict[str, Any]]:
+            return [{"title": c.title, "model_name": c.model_name, "hash": None, "sha256": None,
+                     "filename": str(c.path), "config": None, "default_size": registry.default_size(c)}
+                    for c in registry.list()]
+
+        return await asyncio.to_thread(listing)
 
     @app.post("/sdapi/v1/refresh-checkpoints")
     async def refresh_checkpoints() -> None:

@@ -2,7 +2,9 @@
 
 ``Registry`` lists checkpoints under AUTOMATIC1111-style titles (the file or folder name relative to
 ``--models-dir``; the ``--model`` given on the command line is always listed first). A name matches a
-title, a file stem, or a title followed by `` [hash]`` as AUTOMATIC1111's own titles are written.
+title, a file stem, or a title followed by `` [hash]`` as AUTOMATIC1111's own titles are written. Each
+checkpoint's native image size (``ModelSpec.default_size``) is detected from its headers, without loading
+it, once per file (``Registry.default_size``), so the web page can default to it.
 
 ``ModelCache`` belongs to one worker (one device) and is used from its thread only: it loads on first use
 and evicts the least recently used models while the sum of their parameter bytes exceeds the budget
@@ -46,6 +48,7 @@ class Registry:
         self.models_dir = models_dir
         self._lock = threading.Lock()
         self._items: list[Checkpoint] = []
+        self._sizes: dict[tuple[str, int], int | None] = {}  # (path, mtime_ns) -> default size, None: unknown
         self.refresh()
 
     def refresh(self) -> None:
@@ -84,6 +87,28 @@ class Registry:
                 return c
         valid = ", ".join(c.title for c in items) or "(none)"
         raise UnknownNameError(f"unknown model {name!r}; valid: {valid}")
+
+    def default_size(self, ckpt: Checkpoint) -> int | None:
+        """``ckpt``'s native width and height (``ModelSpec.default_size``) from its key names and shapes
+        (``detect.detect_file``; no weights are read), detected once per file version; None when the file
+        cannot be read or matches no known family (loading it would say why)."""
+        from sfumato.weights.detect import detect_file
+
+        try:
+            key = (str(ckpt.path.resolve()), ckpt.path.stat().st_mtime_ns)
+        except OSError:
+            return None
+        with self._lock:
+            if key in self._sizes:
+                return self._sizes[key]
+        try:
+            size: int | None = detect_file(ckpt.path).default_size
+        except Exception as e:  # noqa: BLE001 - a listing must survive any unreadable or unknown file
+            log.warning("cannot tell the native size of %s: %s", ckpt.path, e)
+            size = None
+        with self._lock:
+            self._sizes[key] = size
+        return size
 
 
 def _checkpoint(path: Path, title: str) -> Checkpoint:

@@ -21,13 +21,16 @@ from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from sfumato.config import PRESETS, ModelSpec, TextEncoderSpec, get_preset
 from sfumato.errors import CheckpointError, InvalidParameterError, UnknownModelError
-from sfumato.weights.keymap_clip import text_config_from_state_dict
-from sfumato.weights.keymap_unet import unet_config_from_state_dict
-from sfumato.weights.keymap_vae import vae_config_from_state_dict
+from sfumato.weights import io
+from sfumato.weights.keymap_clip import clip_to_open_clip, text_config_from_diffusers, text_config_from_state_dict
+from sfumato.weights.keymap_unet import unet_config_from_diffusers, unet_config_from_state_dict, unet_from_diffusers
+from sfumato.weights.keymap_vae import vae_config_from_diffusers, vae_config_from_state_dict, vae_from_diffusers
 
-__all__ = ["detect_spec", "resolve_prediction", "with_prediction", "normalize_prediction"]
+__all__ = ["detect_spec", "detect_file", "resolve_prediction", "with_prediction", "normalize_prediction"]
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -173,6 +176,63 @@ def detect_spec(shapes: Mapping[str, tuple[int, ...]], *, prediction: str | None
                                 f"context and the text encoders give {width}")
     spec = replace(preset, unet=unet, vae=vae, text_encoders=text)
     return spec if prediction is None else with_prediction(spec, prediction)
+
+
+def detect_file(path: str | Path, *, prediction: str | None = None, use_ema: bool = True) -> ModelSpec:
+    """The ``ModelSpec`` of the checkpoint at ``path`` from its headers only, never its tensor data.
+
+    The same steps as ``sfumato.load`` up to building the networks: a single file's key names and shapes
+    (the safetensors header, or the index of a pickle), EMA selection, :func:`detect_spec`, then
+    :func:`resolve_prediction`. A diffusers folder's component files are indexed the same way and renamed
+    to the original layout on ``meta`` tensors (shapes without storage). Family, prediction and
+    ``default_size`` are what loading finds; for a folder, loading also takes head counts and the latent
+    scale from its ``config.json`` files. Costs milliseconds for a multi-gigabyte file (the server lists
+    each model's native size with it). Raises ``CheckpointError`` (or ``UnknownModelError``) as loading would.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    metadata: Mapping[str, str] = {}
+    if path.is_dir():
+        shapes = _diffusers_shapes(path)
+    else:
+        with io.open_checkpoint(path) as ckpt:
+            routes = io.select_ema(ckpt.keys(), use_ema=use_ema)
+            shapes = {k: ckpt.shape(src) for k, src in routes.items()}
+            metadata = ckpt.metadata
+    try:
+        spec = detect_spec(shapes)
+    except CheckpointError as e:
+        raise type(e)(f"{path}: {e}") from None
+    pred, _ = resolve_prediction(path, spec.family, prediction=prediction, metadata=metadata)
+    return with_prediction(spec, pred)
+
+
+def _diffusers_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Original-layout keys and shapes of a diffusers folder, converted as ``load`` converts its tensors."""
+    from sfumato.weights.load import _component_files, _read_json, _text_layouts, _text_model_level
+
+    def meta(component: Path) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for f in _component_files(component):
+            with io.open_checkpoint(f) as ckpt:
+                out.update({k: torch.empty(ckpt.shape(k), device="meta") for k in ckpt.keys()})
+        return out
+
+    index = _read_json(folder / "model_index.json")
+    unet_cfg = unet_config_from_diffusers(_read_json(folder / "unet" / "config.json"))
+    vae_cfg = vae_config_from_diffusers(_read_json(folder / "vae" / "config.json"))
+    shapes = {UNET_PREFIX + k: tuple(v.shape)
+              for k, v in unet_from_diffusers(meta(folder / "unet"), unet_cfg).items()}
+    shapes.update({VAE_PREFIX + k: tuple(v.shape)
+                   for k, v in vae_from_diffusers(meta(folder / "vae"), vae_cfg).items()})
+    names = [n for n in ("text_encoder", "text_encoder_2") if n in index and index[n] and index[n][0] is not None]
+    cfgs = [text_config_from_diffusers(_read_json(folder / n / "config.json")) for n in names]
+    for (prefix, layout), cfg, name in zip(_text_layouts(cfgs, names), cfgs, names):
+        sd = _text_model_level(meta(folder / name))
+        keyed = clip_to_open_clip(sd, cfg) if layout == "open_clip" else sd
+        shapes.update({prefix + k: tuple(v.shape) for k, v in keyed.items()})
+    return shapes
 
 
 def with_prediction(spec: ModelSpec, prediction: str) -> ModelSpec:

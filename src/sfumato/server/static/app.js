@@ -1,5 +1,7 @@
 // sfumato web UI: vanilla JS over the server's own routes, no dependencies.
-//   lists      GET /sdapi/v1/{sd-models,loras,samplers,schedulers,options}
+//   lists      GET /sdapi/v1/{sd-models,loras,samplers,schedulers,upscalers,latent-upscale-modes,options}
+//              (each sd-models entry's default_size is the model's native size: width and height follow
+//              the selected model until the user changes them)
 //   generate   POST /api/v1/jobs (txt2img, or img2img with init_images and, to inpaint, a mask),
 //              then its server-sent events (progress + preview URL, end); DELETE /api/v1/jobs/ID interrupts
 //   history    GET /api/v1/jobs (each job's images, infotexts, seeds and recorded parameters)
@@ -19,6 +21,7 @@ const state = {
   shown: null,        // {job, index}: the result on show (for reuse / send to)
   masked: false,      // anything painted on the mask
   previewBusy: false,
+  sizeEdited: false,  // the user chose a width/height: stop following the model's native size
   samplers: [], schedules: [], models: [],
 };
 
@@ -46,12 +49,23 @@ function option(value, text, selected = false) {
 // --- lists from the server ---------------------------------------------------------------------
 
 async function loadLists() {
-  const [models, loras, samplers, schedules, options] = await Promise.all([
+  const [models, loras, samplers, schedules, upscalers, latentModes, options] = await Promise.all([
     api("/sdapi/v1/sd-models"), api("/sdapi/v1/loras"), api("/sdapi/v1/samplers"),
-    api("/sdapi/v1/schedulers"), api("/sdapi/v1/options")]);
+    api("/sdapi/v1/schedulers"), api("/sdapi/v1/upscalers"), api("/sdapi/v1/latent-upscale-modes"),
+    api("/sdapi/v1/options")]);
   state.models = models; state.samplers = samplers; state.schedules = schedules;
   $("model").replaceChildren(...models.map(m => option(m.title, m.model_name, m.title === options.sd_model_checkpoint)));
   if (!models.length) $("model").append(option("", "(no model)"));
+  $("refiner").replaceChildren(option("", "None", true), ...models.map(m => option(m.title, m.model_name)));
+  const group = (label, names) => {
+    const g = document.createElement("optgroup");
+    g.label = label; g.append(...names.map(n => option(n, n, n === "Latent")));
+    return g;
+  };
+  $("hr-upscaler").replaceChildren(group("Latent (upscale the latents)", latentModes.map(m => m.name)),
+                                   group("Image (upscale the decoded image)", upscalers.map(u => u.name)));
+  setIf("clip-skip", options.CLIP_stop_at_last_layers);
+  followModel();
   if (loras.length) {
     $("lora").replaceChildren(...loras.map(l => option(l.name, l.alias || l.name)));
   } else {
@@ -61,6 +75,39 @@ async function loadLists() {
   const preferred = samplers.find(s => s.name === "DPM++ 2M") || samplers[0];
   $("sampler").replaceChildren(...samplers.map(s => option(s.name, s.name, s === preferred)));
   $("schedule").replaceChildren(...schedules.map(s => option(s.name, s.label, s.name === "automatic")));
+}
+
+// --- width and height follow the model -------------------------------------------------------------
+
+const modelOf = (title) => state.models.find(m => m.title === title);
+
+// The selected model's native size into width/height, unless the user has chosen a size.
+function followModel() {
+  const m = modelOf($("model").value);
+  const size = m && m.default_size;
+  $("size-native").hidden = !size || !state.sizeEdited;
+  if (!size) {
+    $("size-hint").textContent = m ? "This model's native size is unknown." : "";
+  } else {
+    $("size-native").textContent = `Use the model's size (${size}×${size})`;
+    $("size-hint").textContent = state.sizeEdited ? `${m.model_name} makes ${size}×${size} images natively.`
+      : `${size}×${size}: the native size of ${m.model_name} (follows the model until you change it).`;
+    if (!state.sizeEdited) { $("width").value = size; $("height").value = size; }
+  }
+  hiresSize();
+}
+
+function sizeChosen() {  // width/height set by the user, an input image or reused parameters
+  state.sizeEdited = true;
+  followModel();
+}
+
+// what the hires pass will make, computed as the server does (a multiple of 8)
+function hiresSize() {
+  const scale = num("hr-scale");
+  const to = (v) => Math.max(8, Math.floor(Math.floor(v * scale) / 8) * 8);
+  const [w, h] = [num("width"), num("height")];
+  $("hr-size").value = scale > 0 ? `${w}×${h} → ${to(w)}×${to(h)}.` : "";
 }
 
 // --- mode tabs (arrow keys move between them, as the ARIA tabs pattern says) --------------------
@@ -111,6 +158,7 @@ function setInitImage(src) {
       clearMask();
       $("editor").dataset.empty = "false";
       $("width").value = round8(img.naturalWidth); $("height").value = round8(img.naturalHeight);
+      sizeChosen();
       resolve();
     };
     img.onerror = () => reject(new Error("that file is not an image this browser can read"));
@@ -173,7 +221,18 @@ function request() {
     steps: num("steps"), cfg_scale: num("cfg"), width: num("width"), height: num("height"),
     seed: num("seed"), batch_size: num("batch-size"), n_iter: num("n-iter"),
   };
-  if ($("model").value) body.override_settings = {sd_model_checkpoint: $("model").value};
+  const overrides = {CLIP_stop_at_last_layers: num("clip-skip")};
+  if ($("model").value) overrides.sd_model_checkpoint = $("model").value;
+  body.override_settings = overrides;
+  if ($("refiner").value) {
+    body.refiner_checkpoint = $("refiner").value;
+    body.refiner_switch_at = num("refiner-switch");
+  }
+  if (state.mode === "txt2img" && $("enable-hr").checked) {
+    if (body.refiner_checkpoint) throw new Error("hires fix and a refiner cannot run together: turn one off");
+    Object.assign(body, {enable_hr: true, hr_upscaler: $("hr-upscaler").value, hr_scale: num("hr-scale"),
+                         hr_second_pass_steps: num("hr-steps"), denoising_strength: num("hr-strength")});
+  }
   if (state.mode !== "txt2img") {
     if ($("editor").dataset.empty === "true") throw new Error("choose or drop an input image first");
     body.init_images = [$("init-img").src];
@@ -307,13 +366,33 @@ function applyRequest(p, seed) {
   setIf("prompt", p.prompt ?? ""); $("negative").value = p.negative_prompt ?? "";
   selectByText($("sampler"), p.sampler_name || p.sampler_index);
   selectByText($("schedule"), p.scheduler || "automatic");
+  const hires = !!p.enable_hr;
   for (const [id, k] of [["steps", "steps"], ["cfg", "cfg_scale"], ["width", "width"], ["height", "height"],
-                         ["batch-size", "batch_size"], ["n-iter", "n_iter"], ["strength", "denoising_strength"],
-                         ["mask-blur", "mask_blur"], ["fill", "inpainting_fill"], ["padding", "inpaint_full_res_padding"]])
+                         ["batch-size", "batch_size"], ["n-iter", "n_iter"],
+                         [hires ? "hr-strength" : "strength", "denoising_strength"],
+                         ["mask-blur", "mask_blur"], ["fill", "inpainting_fill"], ["padding", "inpaint_full_res_padding"],
+                         ["hr-scale", "hr_scale"], ["hr-steps", "hr_second_pass_steps"],
+                         ["refiner-switch", "refiner_switch_at"]])
     setIf(id, p[k]);
   if (p.inpaint_full_res !== undefined) $("full-res").value = String(!!p.inpaint_full_res);
   setIf("seed", seed ?? p.seed);
   selectByText($("model"), p.override_settings?.sd_model_checkpoint);
+  setIf("clip-skip", p.override_settings?.CLIP_stop_at_last_layers);
+  setHires(hires);
+  selectByText($("hr-upscaler"), p.hr_upscaler);
+  $("refiner").value = "";
+  selectByText($("refiner"), p.refiner_checkpoint);
+  refinerChanged();
+  if (p.width || p.height) sizeChosen(); else followModel();
+}
+
+function setHires(on) {
+  $("enable-hr").checked = on;
+  $("hr-options").disabled = !on;
+}
+
+function refinerChanged() {
+  $("refiner-switch").disabled = !$("refiner").value;
 }
 
 // parameters as a PNG's infotext has them (AUTOMATIC1111's names, values as strings)
@@ -322,13 +401,19 @@ function applyInfotext(p) {
   selectByText($("sampler"), p["Sampler"]);
   selectByText($("schedule"), p["Schedule type"] || "automatic");
   setIf("steps", p["Steps"]); setIf("cfg", p["CFG scale"]); setIf("seed", p["Seed"]);
-  setIf("strength", p["Denoising strength"]); setIf("mask-blur", p["Mask blur"]);
+  const hires = p["Hires upscale"] !== undefined || p["Hires upscaler"] !== undefined;
+  setIf(hires ? "hr-strength" : "strength", p["Denoising strength"]); setIf("mask-blur", p["Mask blur"]);
+  setHires(hires);
+  setIf("hr-scale", p["Hires upscale"]); setIf("hr-steps", p["Hires steps"] ?? (hires ? 0 : undefined));
+  selectByText($("hr-upscaler"), p["Hires upscaler"]);
+  $("clip-skip").value = p["Clip skip"] ?? 1;
+  const named = (name) => state.models.find(m => m.model_name === name || m.title === name);
+  if (p["Model"] && named(p["Model"])) $("model").value = named(p["Model"]).title;
+  $("refiner").value = p["Refiner"] && named(p["Refiner"]) ? named(p["Refiner"]).title : "";
+  setIf("refiner-switch", p["Refiner switch at"]);
+  refinerChanged();
   const size = /^(\d+)x(\d+)$/.exec(p["Size"] || "");
-  if (size) { $("width").value = size[1]; $("height").value = size[2]; }
-  if (p["Model"]) {
-    const m = state.models.find(m => m.model_name === p["Model"] || m.title === p["Model"]);
-    if (m) $("model").value = m.title;
-  }
+  if (size) { $("width").value = size[1]; $("height").value = size[2]; sizeChosen(); } else followModel();
 }
 
 async function sendTo(mode) {
@@ -437,6 +522,12 @@ function setup() {
            (noImage ? " (the history keeps no input images: choose one)." : "."));
     $("prompt").focus();
   });
+  $("model").addEventListener("change", followModel);
+  for (const id of ["width", "height"]) $(id).addEventListener("input", sizeChosen);
+  $("hr-scale").addEventListener("input", hiresSize);
+  $("size-native").addEventListener("click", () => { state.sizeEdited = false; followModel(); });
+  $("enable-hr").addEventListener("change", () => setHires($("enable-hr").checked));
+  $("refiner").addEventListener("change", refinerChanged);
   $("to-img2img").addEventListener("click", () => sendTo("img2img"));
   $("to-inpaint").addEventListener("click", () => sendTo("inpaint"));
   $("history-refresh").addEventListener("click", loadHistory);
