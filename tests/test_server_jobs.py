@@ -382,3 +382,20 @@ def test_model_list_gives_each_models_native_size_without_loading_it(tiny_models
             assert sizes == {"model.safetensors": 64, "broken.safetensors": None, "sd1": 512}
         assert len(calls) == 3, "each checkpoint is detected once, then the Registry's cache answers"
         assert httpx.get(srv.url + "/api/v1/health").json()["loaded_models"] == []
+
+
+def test_chunked_bodies_over_the_limit_are_refused(tiny_models, tmp_path):
+    """A body sent without Content-Length (chunked) is counted as it arrives: over --max-body it is a 413,
+    under it the request goes through; the server keeps serving."""
+    limit = 4096
+    with running(_config(tiny_models, tmp_path / "data", max_body=limit)) as srv:
+        def chunks(n):
+            def gen():
+                yield b'{"prompt": "' + b"x" * n + b'", '
+                yield b'"width": 32, "height": 32, "steps": 2, "seed": 1}'
+            return gen()
+
+        r = httpx.post(srv.url + "/sdapi/v1/txt2img", content=chunks(2 * limit), timeout=30)
+        assert r.status_code == 413 and str(limit) in r.json()["detail"]
+        r = httpx.post(srv.url + "/sdapi/v1/txt2img", content=chunks(10), timeout=60)
+        assert r.status_code == 200 and len(r.json()["images"]) == 1
