@@ -1,0 +1,130 @@
+"""The benchmark scripts in bench/ run end to end on tiny configs, each as a subprocess on one thread.
+
+What they print is checked for its fields and for the numbers that do not depend on the machine: the
+two checkpoint layouts hold the same model, sfumato and diffusers draw the same image from the same
+weights (<= 2/255), and the FLOP counter sees every attention call. No time is ever asserted.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import sfumato
+from sfumato.weights import io
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _run(script: str, *args, ok: bool = True) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, str(BENCH / script), *map(str, args)], capture_output=True, text=True,
+                         env=ENV, timeout=600)
+    if ok:
+        assert out.returncode == 0, f"{script} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out
+
+
+def _checkpoints_module():
+    spec = importlib.util.spec_from_file_location("bench_checkpoints", BENCH / "checkpoints.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bench")
+    _run("checkpoints.py", "--tiny", "--out", root, "--preset", "sd1", "sdxl")
+    return root
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_checkpoints_write_one_model_in_both_layouts(ckpts, family):
+    single, folder = ckpts / f"tiny-{family}-fp32.safetensors", ckpts / f"tiny-{family}-fp32"
+    assert single.is_file() and (folder / "model_index.json").is_file()
+    a, b = sfumato.load(single), sfumato.load(folder)
+    assert a.spec == b.spec == _checkpoints_module().tiny_spec(family)
+    stds = []
+    for m, n in zip(a.modules(), b.modules()):
+        sa, sb = m.state_dict(), n.state_dict()
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), f"{family} {k}: the layouts differ"
+            assert torch.isfinite(sa[k]).all(), k
+            if sa[k].ndim >= 2:
+                stds.append(float(sa[k].float().std()))
+    assert min(stds) > 0, "a weight matrix is constant"
+    image = a.generate("a red circle", width=32, height=32, steps=2, seed=1).images[0]
+    assert np.asarray(image, dtype=np.float32).std() > 0, "flat image"
+
+
+def test_checkpoints_skip_existing_and_refuse_other_settings(ckpts):
+    single = ckpts / "tiny-sd1-fp32.safetensors"
+    before = single.stat().st_mtime_ns
+    out = _run("checkpoints.py", "--tiny", "--out", ckpts, "--preset", "sd1")
+    assert out.stdout.count("skip") == 2 and single.stat().st_mtime_ns == before
+    other = _run("checkpoints.py", "--tiny", "--out", ckpts, "--preset", "sd1", "--seed", "1", ok=False)
+    assert other.returncode != 0 and "other or unknown settings" in other.stderr
+    assert single.stat().st_mtime_ns == before
+
+
+def test_checkpoints_half(tmp_path):
+    _run("checkpoints.py", "--tiny", "--out", tmp_path, "--preset", "sd2-v", "--half", "--layout", "single_file")
+    path = tmp_path / "tiny-sd2-v-fp16.safetensors"
+    with io.open_checkpoint(path) as ckpt:
+        assert {ckpt.dtype(k) for k in ckpt.keys()} == {torch.float16}
+    assert not (tmp_path / "tiny-sd2-v-fp16").exists()
+    assert sfumato.load(path).spec.family == "sd2-v"
+
+
+@pytest.mark.parametrize("family,layout", [("sd1", "single_file"), ("sdxl", "diffusers")])
+def test_compare_same_image_and_every_field(ckpts, tmp_path, family, layout):
+    model = ckpts / (f"tiny-{family}-fp32" + (".safetensors" if layout == "single_file" else ""))
+    out = _run("compare.py", "--model", model, "--size", 32, "--steps", 3, "--json", tmp_path / "r.json",
+               "--out", tmp_path)
+    for label in ("import s", "load s", "text encoding s", "s/step (median)", "VAE decode s", "end-to-end s",
+                  "peak RSS GB", "max pixel diff"):
+        assert label in out.stdout, f"no {label!r} in:\n{out.stdout}"
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["family"] == family
+    for side in ("sfumato", "diffusers"):
+        s = r[side]
+        assert s["n_steps"] == 3 and len(s["steps_s"]) == 3 and s["image_ok"]
+        for key in ("load_s", "text_s", "step_s", "decode_s", "e2e_s", "peak_rss_gb"):
+            assert s[key] > 0, f"{side} {key} = {s[key]}"
+        assert s["peak_gpu_gb"] is None
+        assert (tmp_path / f"{side}.png").is_file()
+    assert set(r["ratio"]) >= {"load_s", "text_s", "step_s", "decode_s", "e2e_s", "peak_rss_gb"}
+    assert r["max_pixel_diff"] <= 2, f"{family} {layout}: max |diff| = {r['max_pixel_diff']}/255"
+
+
+def test_roofline_counts_attention(tmp_path):
+    _run("roofline.py", "--tiny", "--preset", "sd1", "--size", 32, "--json", tmp_path / "r.json")
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["peak"]["flops_per_s"] > 0
+    # By hand, tiny SD 1.x at 32 px (16x16 latent, CFG batch 2, 77 context tokens): three transformer
+    # blocks at level 0 (one down, two up; 32 channels, 256 tokens) and one in the middle (64 channels,
+    # 64 tokens); each self- and cross-attention costs 4 * B * Lq * Lk * C.
+    level0 = 3 * (4 * 2 * 256 * 256 * 32 + 4 * 2 * 256 * 77 * 32)
+    middle = 4 * 2 * 64 * 64 * 64 + 4 * 2 * 64 * 77 * 64
+    unet, vae = r["unet"], r["vae_decode"]
+    assert unet["attention_flops"] == unet["attention_counted"] == level0 + middle
+    assert unet["attention_calls"] == 8 and not unet["attention_analytic_used"]
+    assert vae["attention_flops"] == vae["attention_counted"] == 4 * 256 * 256 * 64  # one 64-channel block
+    assert unet["flops"] > unet["attention_flops"] and vae["flops"] > vae["attention_flops"]
+    for net in (unet, vae):
+        assert net["seconds"] > 0 and net["fraction_of_peak"] > 0
+        assert sum(net["by_op"].values()) == net["flops"]
+
+    _run("roofline.py", "--tiny", "--preset", "sd1", "--size", 32, "--meta", "--json", tmp_path / "m.json")
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert "peak" not in m and m["unet"]["flops"] == unet["flops"] and m["vae_decode"]["flops"] == vae["flops"]
