@@ -19,7 +19,6 @@ status 2; ``info`` on an image without parameters exits 1.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from sfumato.errors import CheckpointError, SfumatoError
+from sfumato.hashes import legacy_model_hash, sha256_file  # public names of this module too
 
 __all__ = ["main", "build_parser", "Progress", "describe_checkpoint", "legacy_model_hash", "sha256_file"]
 
@@ -113,23 +113,6 @@ class Progress:
 
 
 # --- checkpoints: hashes and a description without building the networks -----------------------------
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """The file's SHA-256 (AUTOMATIC1111's "Model hash" is its first 10 hex digits)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def legacy_model_hash(path: str | os.PathLike) -> str:
-    """AUTOMATIC1111's old 8-hex model hash (``sd_models.model_hash``): SHA-256 of the 64 KiB at offset
-    1 MiB, first 8 hex digits. Collides easily; shown because old infotexts carry it."""
-    with open(path, "rb") as f:
-        f.seek(0x100000)
-        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
-
 
 def _dtype_name(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import math
 import os
 import secrets
@@ -87,11 +86,9 @@ class Pipeline:
     def model_hash(self) -> str | None:
         """First 10 hex digits of the checkpoint file's SHA-256 (AUTOMATIC1111's "Model hash")."""
         if self._hash is None and self.source is not None and self.source.is_file():
-            h = hashlib.sha256()
-            with open(self.source, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            self._hash = h.hexdigest()[:10]
+            from sfumato.hashes import sha256_file
+
+            self._hash = sha256_file(self.source)[:10]
         return self._hash
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Pipeline:
