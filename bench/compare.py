@@ -131,14 +131,7 @@ def worker_sfumato(args: argparse.Namespace) -> dict:
                              sampler="euler", schedule="leading", seed=args.seed, cfg_scale=args.cfg,
                              callback=lambda s: timer.step())
 
-    for _ in range(args.warmup):
-        generate(2)
-    timer.reset()
-    start = timer.now()
-    image = generate(args.steps).images[0]
-    end = timer.now()
-    image.save(args.image)
-    return {"import_s": import_s, "load_s": load_s, **timer.report(start, end), **_memory(args.device)}
+    return _timed_run(generate, timer, args, import_s=import_s, load_s=load_s)
 
 
 def worker_diffusers(args: argparse.Namespace) -> dict:
@@ -178,6 +171,11 @@ def worker_diffusers(args: argparse.Namespace) -> dict:
                         width=args.size, guidance_scale=args.cfg, latents=noise.to(args.device, _dtype(args.dtype)),
                         generator=torch.Generator().manual_seed(args.seed), callback_on_step_end=on_step)
 
+    return _timed_run(generate, timer, args, import_s=import_s, load_s=load_s)
+
+
+def _timed_run(generate, timer, args: argparse.Namespace, *, import_s: float, load_s: float) -> dict:
+    """Warm-up runs (untimed), then one timed generation; saves its image, returns every figure."""
     for _ in range(args.warmup):
         generate(2)
     timer.reset()
