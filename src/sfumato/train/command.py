@@ -105,6 +105,9 @@ def run(args: argparse.Namespace) -> int:
         print(result.path)
         return 0
 
+    if args.stage == "diffusion" and args.init is None and args.vae is None:  # before rendering any scene
+        log("error: give the autoencoder (--vae PATH) or a model to start from (--init MODEL)")
+        return 2
     threads = set_threads(args.threads)
     data = scenes.dataset(args.n_images, args.data_seed)
     log(f"{args.n_images} scenes (dataset {args.data_seed}) ready; {threads} threads")
@@ -126,9 +129,6 @@ def run(args: argparse.Namespace) -> int:
             spec, vae, scale = pipe.spec, pipe.vae, pipe.spec.latent_scale
             nets = {"unet": pipe.unet, "text_encoders": pipe.text_encoders}
             log(f"starting from {args.init} ({spec.family}, {spec.prediction}-prediction, latent scale {scale:.5f})")
-        elif args.vae is None:
-            log("error: give the autoencoder (--vae PATH) or a model to start from (--init MODEL)")
-            return 2
         else:
             vae, scale = load_trained_vae(args.vae)
         if scale is None:
