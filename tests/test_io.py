@@ -68,6 +68,35 @@ def test_round_trip_every_dtype(tmp_path, kind, suffix):
         ckpt.get("scalar")
 
 
+@pytest.mark.parametrize("kind,suffix", [("safetensors", ".safetensors"), ("zip", ".ckpt"), ("legacy", ".pt")])
+def test_shared_reads_map_the_file_copy_on_write(tmp_path, kind, suffix):
+    """``share=True`` gives the stored bytes without a copy (the tensor's memory lies inside the file's
+    mapping) and bit-equal to a plain read; it outlives ``close``; writing to it never reaches the file;
+    a cast or an empty tensor falls back to an ordinary read (so do the legacy format's unaligned storages)."""
+    sd = _tensors()
+    path = tmp_path / f"m{suffix}"
+    _save(kind, path, sd)
+    before = path.read_bytes()
+    with io.open_checkpoint(path) as ckpt:
+        shared = {k: ckpt.get(k, share=True) for k in sd}
+        cast = ckpt.get("model.diffusion_model.w16", dtype=torch.float32, share=True)
+        mapping = ckpt._map
+    assert mapping is not None
+    base = np.frombuffer(mapping, dtype=np.uint8).ctypes.data
+    for k, ref in sd.items():
+        t = shared[k]
+        assert t.dtype == ref.dtype and t.shape == ref.shape and torch.equal(t, ref), k
+        inside = base <= t.data_ptr() < base + len(mapping)
+        if kind != "legacy":
+            assert inside == (ref.numel() > 0), f"{k}: mapped {inside}"
+    assert cast.dtype == torch.float32 and torch.equal(cast, sd["model.diffusion_model.w16"].float())
+    assert not (base <= cast.data_ptr() < base + len(mapping))
+    shared["model.diffusion_model.w32"].add_(1.0)
+    assert path.read_bytes() == before
+    with io.open_checkpoint(path) as ckpt:
+        assert torch.equal(ckpt.get("model.diffusion_model.w32"), sd["model.diffusion_model.w32"])
+
+
 def test_casting_read_is_chunked(tmp_path, monkeypatch):
     """A tensor larger than the staging buffer is cast chunk by chunk, correctly at every boundary."""
     monkeypatch.setattr(io, "_STAGING_BYTES", 64)

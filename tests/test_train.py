@@ -16,7 +16,7 @@ from PIL import Image
 
 import sfumato
 from sfumato.config import BUILTIN, TextEncoderConfig, UNetConfig, VAEConfig
-from sfumato.errors import CheckpointError
+from sfumato.errors import CheckpointError, InvalidParameterError
 from sfumato.sampling import discrete_schedule
 from sfumato.train import scenes
 from sfumato.train.common import EMA, batch_indices, lr_at
@@ -170,6 +170,21 @@ def test_diffusion_resume_and_seed_are_bit_identical(data, trained_vae, tmp_path
         assert im.size == (640, 360)
     with pytest.raises(CheckpointError, match="batch_size"):
         _diffusion(data, trained_vae, batch_size=2, resume_from=tmp_path / "whole" / CHECKPOINT)
+
+
+def test_timestep_range_is_honoured_and_checked(data, trained_vae, monkeypatch) -> None:
+    """``timestep_range`` draws every training timestep from lo..hi; an empty or out-of-schedule range is refused."""
+    import sfumato.train.diffusion_stage as stage
+
+    seen = []
+    real = stage.add_noise
+    monkeypatch.setattr(stage, "add_noise", lambda x0, eps, ac, t: seen.append(t.clone()) or real(x0, eps, ac, t))
+    _diffusion(data, trained_vae, timestep_range=(900, 949))
+    t = torch.cat(seen)
+    assert t.min() >= 900 and t.max() <= 949 and len(t.unique()) > 4
+    for bad in ((10, 5), (-1, 10), (0, 1000)):
+        with pytest.raises(InvalidParameterError, match="timestep_range"):
+            _diffusion(data, trained_vae, timestep_range=bad)
 
 
 def test_export_loads_and_generates(data, trained_vae, tmp_path) -> None:

@@ -12,7 +12,15 @@ from sfumato.errors import CheckpointError, SfumatoError, UnknownModelError, Uns
 __version__ = "0.1.0"
 
 __all__ = ["load", "PRESETS", "ModelSpec", "SfumatoError", "CheckpointError", "UnknownModelError",
-           "UnsafePickleError", "__version__"]
+           "UnsafePickleError", "MemoryOptions", "__version__"]
+
+
+def __getattr__(name: str):  # noqa: ANN202 - lazy: importing sfumato stays light
+    if name == "MemoryOptions":
+        from sfumato.pipeline import MemoryOptions
+
+        return MemoryOptions
+    raise AttributeError(f"module 'sfumato' has no attribute {name!r}")
 
 
 def load(*args, **kwargs):  # noqa: ANN002, ANN003 - signature documented on sfumato.weights.load.load

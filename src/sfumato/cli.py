@@ -228,6 +228,13 @@ def _model_options(p: argparse.ArgumentParser) -> None:
 
 def _generation_options(p: argparse.ArgumentParser) -> None:
     _model_options(p)
+    mem = p.add_argument_group("memory (each off by default: slower or approximate, for big images and small machines)")
+    mem.add_argument("--vae-tiling", action="store_true", help="encode/decode big images in blended tiles "
+                     "(bounded memory; about 35 dB from the whole decode)")
+    mem.add_argument("--vae-tile", type=int, metavar="PX", help="VAE tile size in pixels, a multiple of 64 "
+                     "(default: the model's native size)")
+    mem.add_argument("--vae-slicing", action="store_true", help="one image of a batch at a time through the VAE")
+    mem.add_argument("--attention-slice", type=int, metavar="N", help="at most N query tokens per attention call")
     out = p.add_mutually_exclusive_group()
     out.add_argument("-o", "--output", metavar="FILE", help="write to FILE (.png, .jpg or .webp); with "
                      "--batch N, FILE-1.png ... FILE-N.png")
@@ -452,6 +459,7 @@ def _generate(args: argparse.Namespace) -> int:
     import sfumato
     from sfumato.errors import InvalidParameterError
     from sfumato.images import check_output, load_image, load_mask, save_image, save_numbered
+    from sfumato.pipeline import MemoryOptions
 
     more: dict[str, Any] = {}
     if args.command in ("img2img", "inpaint", "outpaint"):
@@ -471,14 +479,18 @@ def _generate(args: argparse.Namespace) -> int:
         check_output(path, overwrite=args.overwrite)
     image = load_image(args.image) if args.command != "generate" else None
     mask = load_mask(args.mask) if args.command == "inpaint" else None
+    memory = MemoryOptions(vae_tiling=args.vae_tiling or args.vae_tile is not None, vae_tile=args.vae_tile,
+                           vae_slicing=args.vae_slicing, attention_slice=args.attention_slice)
 
     _status(args, f"loading {args.model or 'the built-in model'}")
     t0 = time.monotonic()
     pipe = sfumato.load(args.model, device=_device(args.device), dtype=args.dtype, prediction=args.prediction,
                         vae=args.vae)
     _status(args, f"loaded {pipe.spec.family} in {time.monotonic() - t0:.1f}s")
+    pipe.memory = memory
     if args.refiner is not None:
         refiner = sfumato.load(args.refiner, device=_device(args.device), dtype=args.dtype, share=pipe)
+        refiner.memory = memory
         _status(args, f"loaded the refiner ({refiner.spec.family})")
         kw.update(refiner=refiner, refiner_switch_at=args.switch_at)
 

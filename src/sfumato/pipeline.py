@@ -33,12 +33,47 @@ from sfumato import imageops
 from sfumato.config import ModelSpec
 from sfumato.errors import InvalidParameterError
 from sfumato.models.unet import UNetModel, timestep_embedding
-from sfumato.models.vae import AutoencoderKL
+from sfumato.models import ops
+from sfumato.models.vae import AutoencoderKL, DiagonalGaussian
 from sfumato.params import GenerationParams, validate
 from sfumato.text.conditioning import Conditioning, encode_prompt, pad_to_same_length
 from sfumato.text.encoder import CLIPTextEncoder
 from sfumato.text.prompt import get_prompt_schedule, split_and
 from sfumato.text.tokenizer import CLIPTokenizer
+
+
+@dataclass(frozen=True)
+class MemoryOptions:
+    """Speed traded for memory, each off by default (the default is the fastest exact path).
+
+    ``vae_tiling``: encode and decode images larger than a tile in overlapping tiles blended at their
+    borders (diffusers' ``enable_vae_tiling``): memory bounded by one tile, a 2048 px image in the
+    memory of a 512 px one. Not exact: each tile normalises with its own statistics (about 35 dB
+    PSNR against the whole decode on the built-in model; see tests/test_vae.py). ``vae_tile``: the tile
+    in pixels (None: the model's native size, as diffusers' ``sample_size``); ``vae_tile_overlap``: the
+    fraction of a tile shared with each neighbour.
+    ``vae_slicing``: one image of a batch at a time through the autoencoder (exact up to rounding).
+    ``attention_slice``: at most this many query tokens per attention call (exact up to rounding);
+    None: all at once (torch's fused attention already works in blocks on the CPU).
+    """
+
+    vae_tiling: bool = False
+    vae_tile: int | None = None
+    vae_tile_overlap: float = 0.25
+    vae_slicing: bool = False
+    attention_slice: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.vae_tile is not None and (isinstance(self.vae_tile, bool) or not isinstance(self.vae_tile, int)
+                                          or self.vae_tile < 64 or self.vae_tile % 64):
+            raise InvalidParameterError(f"vae_tile must be a multiple of 64 pixels, at least 64; got {self.vae_tile!r}")
+        if not 0.0 < self.vae_tile_overlap <= 0.5:
+            raise InvalidParameterError(f"vae_tile_overlap must be in (0, 0.5], got {self.vae_tile_overlap!r}")
+        if self.attention_slice is not None and (isinstance(self.attention_slice, bool)
+                                                 or not isinstance(self.attention_slice, int)
+                                                 or self.attention_slice < 1):
+            raise InvalidParameterError(f"attention_slice must be a positive number of tokens or None, "
+                                        f"got {self.attention_slice!r}")
 
 
 @dataclass
@@ -66,6 +101,7 @@ class Pipeline:
     tokenizer: CLIPTokenizer
     source: Path | None = None
     ema: str | None = field(default=None)  # which UNet copy of a training checkpoint is loaded: "ema" | "raw"
+    memory: MemoryOptions = field(default_factory=MemoryOptions)
     _hash: str | None = field(default=None, repr=False)
 
     def modules(self) -> list[torch.nn.Module]:
@@ -342,10 +378,32 @@ def _slerp(val: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
 
 def encode_image(pipe: Pipeline, image: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Pixels in [-1, 1] -> scaled latents, sampling the posterior with ``g`` as diffusers does."""
+    m = pipe.memory
     with _vae_precision(pipe, upcast=pipe.spec.vae_upcast) as dtype:
-        posterior = pipe.vae.encode(image.to(pipe.device, dtype))
+        parts = image.split(1) if m.vae_slicing else (image,)
+        if m.vae_tiling:
+            posts = [pipe.vae.encode_tiled(x.to(pipe.device, dtype), _vae_tile(pipe), m.vae_tile_overlap)
+                     for x in parts]
+        else:
+            posts = [pipe.vae.encode(x.to(pipe.device, dtype)) for x in parts]
+        posterior = posts[0] if len(posts) == 1 else DiagonalGaussian(
+            torch.cat([q.mean for q in posts]), torch.cat([q.logvar for q in posts]))
         z = posterior.sample(generator=g).float()
     return (z - pipe.spec.latent_shift) * pipe.spec.latent_scale
+
+
+def _vae_tile(pipe: Pipeline) -> int:
+    return pipe.memory.vae_tile or pipe.spec.default_size
+
+
+def _vae_decode(pipe: Pipeline, z: torch.Tensor) -> torch.Tensor:
+    m, f = pipe.memory, pipe.spec.vae.downscale
+    parts = z.split(1) if m.vae_slicing else (z,)
+    if m.vae_tiling:
+        out = [pipe.vae.decode_tiled(x, max(1, _vae_tile(pipe) // f), m.vae_tile_overlap) for x in parts]
+    else:
+        out = [pipe.vae.decode(x) for x in parts]
+    return out[0] if len(out) == 1 else torch.cat(out)
 
 
 def decode(pipe: Pipeline, latents: torch.Tensor) -> list[Image.Image]:
@@ -353,12 +411,12 @@ def decode(pipe: Pipeline, latents: torch.Tensor) -> list[Image.Image]:
     again in fp32, with a warning the first time; one the spec marks (``vae_upcast``) decodes in fp32."""
     z = latents / pipe.spec.latent_scale + pipe.spec.latent_shift
     with _vae_precision(pipe, upcast=pipe.spec.vae_upcast) as dtype:
-        pixels = pipe.vae.decode(z.to(pipe.device, dtype))
+        pixels = _vae_decode(pipe, z.to(pipe.device, dtype))
     if not torch.isfinite(pixels).all() and dtype != torch.float32:
         _warn_once("vae-overflow", f"the autoencoder overflowed in {dtype} (non-finite pixels); decoding in "
                    "float32 (pass an fp16-safe VAE with vae= to avoid the retry)")
         with _vae_precision(pipe, upcast=True) as dtype:
-            pixels = pipe.vae.decode(z.to(pipe.device, dtype))
+            pixels = _vae_decode(pipe, z.to(pipe.device, dtype))
     return imageops.tensor_to_images(pixels)
 
 
@@ -423,7 +481,7 @@ def run(pipe: Pipeline, p: GenerationParams, *, image: Image.Image | None = None
     b, f = p.batch_size, spec.vae.downscale
     shape = (b, spec.unet.out_channels, p.height // f, p.width // f)
 
-    with torch.inference_mode():
+    with torch.inference_mode(), ops.attention_slicing(pipe.memory.attention_slice):
         conds = conditioning(pipe, p)
         discrete = discrete_schedule(spec.schedule)
         sigmas = get_sigmas(p.schedule, p.steps, discrete, sampler=info, ays_timesteps=spec.ays_timesteps).float()

@@ -7,6 +7,7 @@ Attention is ``torch.nn.functional.scaled_dot_product_attention`` (exact softmax
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Iterator
 
 import torch
@@ -14,15 +15,34 @@ import torch.nn.functional as F
 from torch import nn
 
 
+_SLICE: contextvars.ContextVar[int | None] = contextvars.ContextVar("sfumato_attention_slice", default=None)
+
+
+@contextlib.contextmanager
+def attention_slicing(tokens: int | None) -> Iterator[None]:
+    """Within the block, :func:`attention` takes at most ``tokens`` queries per call (None: all)."""
+    reset = _SLICE.set(tokens)
+    try:
+        yield
+    finally:
+        _SLICE.reset(reset)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, *, upcast: bool = False) -> torch.Tensor:
-    """Multi-head attention over (B, L, heads*d) projections -> (B, Lq, heads*d)."""
+    """Multi-head attention over (B, L, heads*d) projections -> (B, Lq, heads*d). Inside
+    :func:`attention_slicing`, the queries go through in slices (each row's softmax is its own: exact)."""
     b, lq, inner = q.shape
     d = inner // heads
     q, k, v = (t.reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))  # (B, H, L, d)
     dtype = q.dtype
     if upcast and dtype in (torch.float16, torch.bfloat16):
         q, k, v = q.float(), k.float(), v.float()
-    out = F.scaled_dot_product_attention(q, k, v)
+    step = _SLICE.get()
+    if step is None or step >= lq:
+        out = F.scaled_dot_product_attention(q, k, v)
+    else:
+        out = torch.cat([F.scaled_dot_product_attention(q[:, :, i : i + step], k, v) for i in range(0, lq, step)],
+                        dim=2)
     return out.to(dtype).transpose(1, 2).reshape(b, lq, inner)
 
 

@@ -251,6 +251,11 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, x: Tensor) -> DiagonalGaussian:
         """Image (B, in_channels, H, W) in [-1, 1], H and W multiples of ``cfg.downscale``."""
+        self._check_image(x)
+        moments = self.quant_conv(self.encoder(x))  # (B, 2*embed_dim, H/f, W/f)
+        return DiagonalGaussian.from_moments(moments)
+
+    def _check_image(self, x: Tensor) -> None:
         f = self.cfg.downscale
         if x.ndim != 4 or x.shape[1] != self.cfg.in_channels:
             raise InvalidParameterError(
@@ -260,16 +265,44 @@ class AutoencoderKL(nn.Module):
             raise InvalidParameterError(
                 f"VAE encode: image size {x.shape[3]}x{x.shape[2]} (WxH) must be a multiple of {f}"
             )
-        moments = self.quant_conv(self.encoder(x))  # (B, 2*embed_dim, H/f, W/f)
-        return DiagonalGaussian.from_moments(moments)
 
     def decode(self, z: Tensor) -> Tensor:
         """Unscaled latents (B, embed_dim, h, w) -> image (B, out_ch, h*f, w*f), roughly in [-1, 1]."""
+        self._check_latents(z)
+        return self.decoder(self.post_quant_conv(z))
+
+    def _check_latents(self, z: Tensor) -> None:
         if z.ndim != 4 or z.shape[1] != self.cfg.embed_dim:
             raise InvalidParameterError(
                 f"VAE decode expects (B, {self.cfg.embed_dim}, h, w) latents, got shape {tuple(z.shape)}"
             )
-        return self.decoder(self.post_quant_conv(z))
+
+    def encode_tiled(self, x: Tensor, tile: int = 512, overlap: float = 0.25) -> DiagonalGaussian:
+        """:meth:`encode` in overlapping ``tile`` x ``tile`` pixel windows, blended where they overlap: memory
+        bounded by one tile whatever the image size. Same tiles and blend as diffusers' tiled encode
+        (``tile_sample_min_size`` = ``tile``, ``tile_overlap_factor`` = ``overlap``); images no larger
+        than a tile take the plain path."""
+        self._check_image(x)
+        f = self.cfg.downscale
+        if tile % f or tile <= 0:
+            raise InvalidParameterError(f"VAE tile must be a positive multiple of {f} pixels, got {tile}")
+        if x.shape[2] <= tile and x.shape[3] <= tile:
+            return self.encode(x)
+        moments = _tiled(lambda t: self.quant_conv(self.encoder(t)), x, tile, tile // f, overlap)
+        return DiagonalGaussian.from_moments(moments)
+
+    def decode_tiled(self, z: Tensor, tile: int = 64, overlap: float = 0.25) -> Tensor:
+        """:meth:`decode` in overlapping ``tile`` x ``tile`` latent windows, blended where they overlap, one
+        tile in memory at a time (plus two rows of decoded tiles): a 2048 px image decodes in the memory
+        of a 512 px one (``tile`` 64). Same tiles and blend as diffusers' ``tiled_decode``
+        (``tile_latent_min_size`` = ``tile``, ``tile_overlap_factor`` = ``overlap``); latents no larger
+        than a tile take the plain path."""
+        self._check_latents(z)
+        if tile <= 0:
+            raise InvalidParameterError(f"VAE tile must be a positive number of latent pixels, got {tile}")
+        if z.shape[2] <= tile and z.shape[3] <= tile:
+            return self.decode(z)
+        return _tiled(lambda t: self.decoder(self.post_quant_conv(t)), z, tile, tile * self.cfg.downscale, overlap)
 
     def forward(
         self, x: Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None
@@ -278,3 +311,46 @@ class AutoencoderKL(nn.Module):
         posterior = self.encode(x)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(z), posterior
+
+
+def _ramp(n: int) -> tuple[Tensor, Tensor]:
+    """Blend weights y / n and 1 - y / n for y < n, each rounded once from double (as a Python-float blend)."""
+    up = [y / n for y in range(n)]
+    return torch.tensor(up, dtype=torch.float64), torch.tensor([1 - u for u in up], dtype=torch.float64)
+
+
+def _blend(a: Tensor, b: Tensor, extent: int, dim: int) -> None:
+    """Cross-fade the first ``extent`` rows (dim 2) or columns (dim 3) of ``b`` from the last of ``a``, in place."""
+    extent = min(a.shape[dim], b.shape[dim], extent)
+    if extent <= 0:
+        return
+    up, down = _ramp(extent)
+    shape = (-1, 1) if dim == 2 else (-1,)
+    up, down = up.to(b.dtype).reshape(shape), down.to(b.dtype).reshape(shape)
+    head = b.narrow(dim, 0, extent)
+    head.copy_(a.narrow(dim, a.shape[dim] - extent, extent) * down + head * up)
+
+
+def _tiled(fn, x: Tensor, tile_in: int, tile_out: int, overlap: float) -> Tensor:
+    """``fn`` (an f-times resampling conv net) over overlapping ``tile_in`` windows of ``x`` at stride
+    ``tile_in * (1 - overlap)``; each output tile cross-fades linearly over ``tile_out * overlap`` rows
+    and columns from its upper and left neighbours (already blended) and keeps its first
+    ``tile_out * (1 - overlap)``. Rows are decoded and stitched one at a time."""
+    if not 0.0 < overlap < 1.0:
+        raise InvalidParameterError(f"VAE tile overlap must be between 0 and 1 (exclusive), got {overlap}")
+    stride = int(tile_in * (1 - overlap))
+    extent = int(tile_out * overlap)
+    keep = tile_out - extent
+    if stride <= 0:
+        raise InvalidParameterError(f"VAE tile {tile_in} with overlap {overlap} leaves no stride")
+    out_rows, above = [], None
+    for i in range(0, x.shape[2], stride):
+        row = [fn(x[:, :, i : i + tile_in, j : j + tile_in]) for j in range(0, x.shape[3], stride)]
+        for j, t in enumerate(row):
+            if above is not None:
+                _blend(above[j], t, extent, 2)
+            if j > 0:
+                _blend(row[j - 1], t, extent, 3)
+        out_rows.append(torch.cat([t[:, :, :keep, :keep] for t in row], dim=3))
+        above = row
+    return torch.cat(out_rows, dim=2)

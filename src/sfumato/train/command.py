@@ -72,6 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    "model's, else the built-in preset's, v)")
     d.add_argument("--offset-noise", type=float, default=0.0, help="offset-noise std (default: 0)")
     d.add_argument("--snr-gamma", type=float, help="Min-SNR-gamma loss weighting, e.g. 5 (default: plain MSE)")
+    d.add_argument("--timestep-range", type=int, nargs=2, metavar=("LO", "HI"),
+                   help="draw training timesteps uniformly from LO..HI inclusive (default: the whole schedule)")
     d.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step (default: 1)")
     d.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay (default: 0.999)")
     d.add_argument("--caption-dropout", type=float, default=0.1, help="empty-prompt fraction, for CFG (default: 0.1)")
@@ -136,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
             log(f"{args.vae} stores no latent scale; measured {scale:.5f}")
         res = train_diffusion(spec, vae, data, steps=args.steps, batch_size=args.batch, lr=args.lr,
                               prediction=args.prediction or spec.prediction, caption_dropout=args.caption_dropout,
-                              offset_noise=args.offset_noise, snr_gamma=args.snr_gamma, **nets,
+                              offset_noise=args.offset_noise, snr_gamma=args.snr_gamma,
+                              timestep_range=args.timestep_range, **nets,
                               ema_decay=args.ema_decay, grad_accum=args.grad_accum,
                               mixed_precision=args.mixed_precision, seed=args.seed, out_dir=out,
                               resume_from=_resume(args, CHECKPOINT), checkpoint_every=args.checkpoint_every,

@@ -150,6 +150,7 @@ def train_diffusion(
     caption_dropout: float = 0.1,
     offset_noise: float = 0.0,
     snr_gamma: float | None = None,
+    timestep_range: tuple[int, int] | None = None,
     ema_decay: float = 0.999,
     grad_accum: int = 1,
     mixed_precision: str = "no",
@@ -185,6 +186,9 @@ def train_diffusion(
 
     ``snr_gamma``: weight each sample's loss by Min-SNR-gamma (:func:`min_snr_weight`; None: plain MSE).
     ``offset_noise``: the std of a per-image, per-channel constant added to the noise (Guttenberg 2023).
+    ``timestep_range``: (lo, hi) draws training timesteps uniformly from lo..hi inclusive instead of the
+    whole schedule. The built-in model learned where to put a shape only from a run on the noisiest steps
+    (850..999): below them the noisy latent already shows the shape's place and the caption adds nothing.
 
     ``latent_scale``: the VAE's (``TrainedVAE.latent_scale``), default ``spec.latent_scale``; latents are
     posterior samples (``sample_latents``) or means, times the scale. ``mixed_precision`` "bf16"/"fp16"
@@ -209,7 +213,7 @@ def train_diffusion(
     hparams = {"batch_size": batch_size, "grad_accum": grad_accum, "seed": seed, "n_images": n,
                "prediction": prediction, "caption_dropout": caption_dropout, "latent_scale": scale,
                "train_text_encoder": train_text_encoder, "sample_latents": sample_latents, "offset_noise": offset_noise,
-               "snr_gamma": snr_gamma}
+               "snr_gamma": snr_gamma, "timestep_range": list(timestep_range) if timestep_range else None}
 
     # Latents and token ids, once: the VAE and the tokenizer are fixed during training.
     vae = vae.to(device).eval().requires_grad_(False)
@@ -220,6 +224,10 @@ def train_diffusion(
     empty = [tokenize_captions(tok, [""], te.pad_id) for te in te_specs]  # each (1, 77)
     schedule = discrete_schedule(spec.schedule)
     alphas_cumprod = schedule.alphas_cumprod.float()  # (T,)
+    n_t = len(alphas_cumprod)
+    t_lo, t_hi = (int(v) for v in timestep_range) if timestep_range is not None else (0, n_t - 1)
+    if not 0 <= t_lo <= t_hi < n_t:
+        raise InvalidParameterError(f"timestep_range {tuple(timestep_range)} must satisfy 0 <= lo <= hi <= {n_t - 1}")
 
     torch.manual_seed(seed)
     unet = (unet if unet is not None else UNetModel(spec.unet)).to(device).float().train().requires_grad_(True)
@@ -257,7 +265,7 @@ def train_diffusion(
         x0 = (x0 - spec.latent_shift) * scale  # as the pipeline's encode_image
         drop = torch.rand(batch_size, generator=g) < caption_dropout
         batch_ids = [torch.where(drop[:, None], e, i[idx]).to(device) for i, e in zip(ids, empty)]
-        t = torch.randint(0, len(alphas_cumprod), (batch_size,), generator=g)
+        t = torch.randint(t_lo, t_hi + 1, (batch_size,), generator=g)
         eps = torch.randn(x0.shape, generator=g)
         if offset_noise:
             # Guttenberg's offset noise: a per-image, per-channel constant added to the noise, so the model

@@ -4,11 +4,16 @@
 index alone, and ``get`` reads one tensor at a time with plain positioned reads into a tensor it owns,
 so peak memory is the loaded model plus one tensor whatever the file or target dtype, and nothing in
 the file that is never asked for (optimizer state, the other copy of EMA weights) is read.
+``get(..., share=True)`` instead returns a tensor over a private (copy-on-write) memory map of the
+file when no conversion is needed (same dtype, CPU, contiguous, aligned): loading is then no copy at
+all, pages arrive from the page cache on first use, stay reclaimable file pages, and a write to such a
+tensor never reaches the file. The loaders use it; anything needing a cast still reads.
 
 - ``.safetensors``: the header is validated here before anything is trusted (length, JSON, dtypes,
   every tensor's byte range inside the file); format: https://github.com/huggingface/safetensors.
-  Positioned reads instead of an mmap: a mapping keeps every touched page in the process RSS until it
-  is closed, so an fp16 file loaded as fp32 peaked at 3x the file size in a measurement here.
+  Casting reads go through positioned reads, not the map: a mapping keeps every touched page in the
+  process RSS until it is closed, so an fp16 file cast to fp32 through an mmap peaked at 3x the file
+  size in a measurement here.
 - ``.ckpt`` / ``.pt`` / ``.bin`` (torch zip or legacy pickle): never through ``torch.load``. The pickle
   is run by a restricted unpickler whose allow-list maps each accepted global to a function of ours
   that records where a tensor lies instead of building it (torch's ``_rebuild_tensor_v2`` and kin),
@@ -28,6 +33,7 @@ import collections
 import functools
 import json
 import math
+import mmap
 import os
 import pickle
 import secrets
@@ -128,6 +134,7 @@ class Checkpoint:
         self._file: BinaryIO | None = file
         self._tensors = tensors
         self._staging: Tensor | None = None
+        self._map: mmap.mmap | None = None
 
     def keys(self) -> list[str]:
         return list(self._tensors)
@@ -147,8 +154,13 @@ class Checkpoint:
     def dtype(self, key: str) -> torch.dtype:
         return self._ref(key).dtype
 
-    def get(self, key: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Tensor:
+    def get(self, key: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu", *,
+            share: bool = False) -> Tensor:
         """Read one tensor into memory it owns, cast to ``dtype`` (default: as stored), on ``device``.
+
+        ``share``: when the tensor needs no conversion (stored dtype, CPU, contiguous, aligned), return it
+        over a private copy-on-write memory map of the file instead: no read, no copy; writes stay in
+        this process. The map lives as long as any tensor made from it, past ``close``.
 
         Same dtype on the CPU: read straight into the result. Otherwise the bytes pass through one
         small reused staging buffer, chunk by chunk, so no full-size temporary is ever allocated (with
@@ -161,6 +173,14 @@ class Checkpoint:
         start = ref.storage.offset + ref.elem_offset * ref.dtype.itemsize
         dtype = dtype or ref.dtype
         device = torch.device(device)
+        if (share and dtype == ref.dtype and device.type == "cpu" and ref.contiguous and ref.numel
+                and start % ref.dtype.itemsize == 0):
+            if self._map is None:
+                try:
+                    self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY)
+                except (OSError, ValueError) as e:
+                    raise CheckpointError(f"{self.path}: cannot map the file ({e})") from None
+            return torch.frombuffer(self._map, dtype=ref.dtype, count=ref.numel, offset=start).view(ref.shape)
         if not ref.contiguous:  # only pickles have these (views of a larger storage): read the span, copy
             buf = torch.empty(ref.span * ref.dtype.itemsize, dtype=torch.uint8)
             _read_into(self._file, start, buf, self.path, key)
@@ -186,6 +206,7 @@ class Checkpoint:
             self._file.close()
             self._file = None
             self._staging = None
+            self._map = None  # not closed: tensors made with share=True keep it alive until they go
 
     def __enter__(self) -> Checkpoint:
         return self

@@ -238,7 +238,7 @@ def _load_single_file(path: Path, *, dtype: torch.dtype, prediction: str | None,
                 f"{', '.join(unused[:8])}{' ...' if len(unused) > 8 else ''}")
 
         def get(key: str) -> torch.Tensor:
-            return ckpt.get(routes[key], dtype=dtype)
+            return ckpt.get(routes[key], dtype=dtype, share=True)
 
         def component(prefix: str) -> dict[str, torch.Tensor]:
             return {k[len(prefix):]: get(k) for k in routes if k.startswith(prefix) and not _ignored(k)}
@@ -285,7 +285,7 @@ def _read_component(folder: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]
     for f in _component_files(folder):
         with io.open_checkpoint(f) as ckpt:
             for k in ckpt.keys():
-                out[k] = ckpt.get(k, dtype=dtype)
+                out[k] = ckpt.get(k, dtype=dtype, share=True)
     return out
 
 
@@ -390,7 +390,7 @@ def load_vae(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> 
             routes = io.select_ema(ckpt.keys())
             keys = [k for k in routes if not _ignored(k)]
             if any(".down_blocks." in k or ".up_blocks." in k for k in keys):
-                raw = {k: ckpt.get(routes[k], dtype=dtype) for k in keys}
+                raw = {k: ckpt.get(routes[k], dtype=dtype, share=True) for k in keys}
                 cfg = _vae_config_from_diffusers_keys({k: tuple(v.shape) for k, v in raw.items()}, path)
                 sd = vae_from_diffusers(raw, cfg)
             else:
@@ -398,7 +398,7 @@ def load_vae(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> 
                 if not strip and any(k.startswith(VAE_PREFIX) for k in keys):
                     extra = [k for k in keys if not k.startswith(VAE_PREFIX)]
                     raise CheckpointError(f"{path}: not a VAE file: keys outside {VAE_PREFIX}: {', '.join(extra[:8])}")
-                sd = {k[len(strip):]: ckpt.get(routes[k], dtype=dtype) for k in keys}
+                sd = {k[len(strip):]: ckpt.get(routes[k], dtype=dtype, share=True) for k in keys}
                 cfg = vae_config_from_state_dict({k: tuple(v.shape) for k, v in sd.items()})
     model = _build(lambda: AutoencoderKL(cfg))
     assign_weights(model, sd, source=str(path), what="VAE")

@@ -1,0 +1,109 @@
+"""Memory modes (issue 7), on the built-in model: VAE and attention slicing exact up to rounding, VAE tiling bounded and close to the whole decode; bad options are refused at the boundary."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import sfumato
+from sfumato.cli import main
+from sfumato.errors import InvalidParameterError
+from sfumato.models import ops
+from sfumato.pipeline import MemoryOptions
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return sfumato.load()
+
+
+def _arrays(res) -> list[np.ndarray]:
+    return [np.asarray(im, dtype=np.int16) for im in res.images]
+
+
+def _generate(pipe, memory: MemoryOptions, **kw):
+    pipe.memory = memory
+    try:
+        return pipe.generate("a large red circle on the left, white background", seed=3, steps=6, **kw)
+    finally:
+        pipe.memory = MemoryOptions()
+
+
+def test_vae_slicing_is_exact_up_to_rounding(pipe, monkeypatch):
+    calls = []
+    decode = type(pipe.vae).decode
+    monkeypatch.setattr(type(pipe.vae), "decode", lambda self, z: calls.append(z.shape[0]) or decode(self, z))
+    base = _arrays(_generate(pipe, MemoryOptions(), batch_size=3))
+    assert calls == [3]
+    calls.clear()
+    sliced = _arrays(_generate(pipe, MemoryOptions(vae_slicing=True), batch_size=3))
+    assert calls == [1, 1, 1]
+    assert max(np.abs(a - b).max() for a, b in zip(base, sliced)) <= 1  # batch-size-dependent conv kernels
+
+
+def test_attention_slicing_is_exact_up_to_rounding(pipe):
+    q, k, v = (torch.randn(2, 37, 64, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    whole = ops.attention(q, k, v, 2)
+    with ops.attention_slicing(5):
+        sliced = ops.attention(q, k, v, 2)
+    assert (sliced - whole).abs().max().item() <= 1e-6
+    base = _arrays(_generate(pipe, MemoryOptions()))[0]
+    got = _arrays(_generate(pipe, MemoryOptions(attention_slice=7)))[0]
+    assert np.abs(got - base).max() <= 1, "attention slicing moved a pixel by more than 1/255"
+
+
+def test_vae_tiling_decodes_in_tiles_close_to_the_whole_image(pipe):
+    """128 px on a 64 px-native model: 32x32 latents in 16x16 tiles at stride 12 -> 3x3 tile decodes, each
+    tile-sized; the image stays within 25 dB PSNR of the untiled one (a tile per 64 px region of unrelated
+    content is the hard case for per-tile normalisation; see tests/test_vae.py for the seam measure)."""
+    base = _arrays(_generate(pipe, MemoryOptions(), width=128, height=128))[0]
+    shapes = []
+    hook = pipe.vae.decoder.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape[2:])))
+    try:
+        tiled = _arrays(_generate(pipe, MemoryOptions(vae_tiling=True), width=128, height=128))[0]
+    finally:
+        hook.remove()
+    assert len(shapes) == 9 and max(shapes) == (16, 16), shapes
+    mse = ((tiled - base) / 255.0) ** 2
+    psnr = 10 * np.log10(1 / mse.mean())
+    assert psnr >= 25, f"tiled vs whole: {psnr:.1f} dB"
+
+
+def test_vae_tiling_encodes_img2img_input_in_tiles(pipe):
+    from PIL import Image
+
+    shapes = []
+    hook = pipe.vae.encoder.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape[2:])))
+    image = Image.new("RGB", (128, 128), (200, 30, 30))
+    pipe.memory = MemoryOptions(vae_tiling=True)
+    try:
+        res = pipe.img2img(image, "a red square", seed=1, steps=4, strength=0.5)
+    finally:
+        pipe.memory = MemoryOptions()
+        hook.remove()
+    assert res.images[0].size == (128, 128)
+    assert len(shapes) == 9 and max(shapes) == (64, 64), shapes
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(vae_tile=100), "vae_tile must be a multiple of 64 pixels, at least 64; got 100"),
+    (dict(vae_tile=0), "vae_tile"),
+    (dict(vae_tile_overlap=0.9), r"vae_tile_overlap must be in \(0, 0.5\], got 0.9"),
+    (dict(attention_slice=0), "attention_slice must be a positive number of tokens or None, got 0"),
+    (dict(attention_slice=True), "attention_slice"),
+])
+def test_bad_memory_options_are_refused(kwargs, match):
+    with pytest.raises(InvalidParameterError, match=match):
+        MemoryOptions(**kwargs)
+
+
+def test_cli_memory_flags(tmp_path, capsys):
+    out = tmp_path / "tiled.png"
+    code = main(["generate", "a blue star", "--width", "128", "--height", "128", "--steps", "3", "--vae-tiling",
+                 "--vae-slicing", "--attention-slice", "64", "-o", str(out), "-q"])
+    assert code == 0 and out.is_file()
+    code = main(["generate", "a blue star", "--vae-tile", "100", "-o", str(tmp_path / "x.png"), "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "vae_tile must be a multiple of 64" in err and "Traceback" not in err
+    assert not (tmp_path / "x.png").exists()
