@@ -50,8 +50,23 @@ def group_norm(channels: int, groups: int = 32, eps: float = 1e-6) -> nn.GroupNo
     return nn.GroupNorm(groups, channels, eps=eps, affine=True)
 
 
+_INITS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "kaiming_uniform_",
+          "kaiming_normal_", "xavier_uniform_", "xavier_normal_", "orthogonal_")
+
+
 @contextlib.contextmanager
 def meta_device() -> Iterator[None]:
-    """Build modules without allocating or randomly initialising weights; load with ``assign=True``."""
-    with torch.device("meta"):
-        yield
+    """Build modules without allocating or randomly initialising weights; load with ``assign=True``.
+
+    The ``torch.nn.init`` functions are no-ops inside: on meta tensors they initialise nothing, yet the
+    first of them routed through the meta device pulls in torch's reference decompositions (2.4 s of a
+    5 s SD 1.5 load here, measured with cProfile)."""
+    saved = {name: getattr(torch.nn.init, name) for name in _INITS}
+    for name in _INITS:
+        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)

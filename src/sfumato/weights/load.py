@@ -28,6 +28,7 @@ from torch import nn
 
 from sfumato.config import ModelSpec, TextEncoderSpec, VAEConfig
 from sfumato.errors import CheckpointError, InvalidParameterError
+from sfumato.models import ops
 from sfumato.models.unet import UNetModel
 from sfumato.models.vae import AutoencoderKL
 from sfumato.text.encoder import CLIPTextEncoder
@@ -115,7 +116,7 @@ def assign_weights(module: nn.Module, tensors: Mapping[str, torch.Tensor], *, so
 
 
 def _build(factory: Callable[[], nn.Module]) -> nn.Module:
-    with torch.device("meta"):
+    with ops.meta_device():
         return factory()
 
 
