@@ -254,6 +254,11 @@ def _generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subseed", type=int, help="variation seed")
     p.add_argument("--subseed-strength", type=float, help="how much of the variation seed's noise, 0..1")
     p.add_argument("--eta", type=float, help="noise of ancestral / DDIM samplers (default: the sampler's)")
+    fast = p.add_argument_group("fast paths (off by default; not the exact image)")
+    fast.add_argument("--deepcache", type=int, metavar="N", help="DeepCache: the whole UNet every N-th step, its "
+                      "shallow blocks only in between (default: 1, off)")
+    fast.add_argument("--deepcache-depth", type=int, metavar="D", help="input blocks 1..D run on cached steps "
+                      "(default: 1)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing -o FILE")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress or status on stderr")
     xl = p.add_argument_group("SDXL")
@@ -368,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
 # --- commands ---------------------------------------------------------------------------------------
 
 _PARAM_ARGS = ("steps", "cfg_scale", "sampler", "schedule", "seed", "batch_size", "clip_skip", "subseed",
-               "subseed_strength", "eta")
+               "subseed_strength", "eta", "deepcache", "deepcache_depth")
 
 
 def _device(name: str) -> str:

@@ -208,6 +208,9 @@ def infotext(params: GenerationParams, *, seed: int, model_name: str | None, mod
     fields.update(_sampler_extras(p))
     if p.guidance_rescale:
         fields[_GUIDANCE_RESCALE_KEY] = p.guidance_rescale
+    if p.deepcache > 1:
+        fields["DeepCache"] = p.deepcache
+        fields["DeepCache depth"] = p.deepcache_depth
     fields.update(_sdxl_fields(p))
     fields.update(p.extra)
     fields.update(extra)
@@ -313,6 +316,7 @@ _SIMPLE_FIELDS: dict[str, tuple[str, Any]] = {
     "Eta DDIM": ("eta", _float), "Sigma churn": ("s_churn", _float), "Sigma tmin": ("s_tmin", _float),
     "Sigma tmax": ("s_tmax", _float), "Sigma noise": ("s_noise", _float), "Mask blur": ("mask_blur", _int),
     "Masked area padding": ("inpaint_padding", _int), _GUIDANCE_RESCALE_KEY: ("guidance_rescale", _float),
+    "DeepCache": ("deepcache", _int), "DeepCache depth": ("deepcache_depth", _int),
 }
 def _wxh(key: str, value: str) -> tuple[int, int]:
     m = _SIZE_RE.match(value.strip())

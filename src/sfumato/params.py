@@ -59,6 +59,10 @@ class GenerationParams:
     # ensemble of experts: stop at / start from this fraction of the noise schedule (0..1 of 1000 timesteps)
     denoising_start: float | None = None
     denoising_end: float | None = None
+    # DeepCache (a fast path, off by default): the whole UNet on every N-th step only, the shallow blocks
+    # from input block 0 to ``deepcache_depth`` on the others (sfumato.models.unet.StepCache); 1 = off
+    deepcache: int = 1
+    deepcache_depth: int = 1
     extra: dict[str, Any] = field(default_factory=dict)  # free-form, carried into the metadata
 
     def replace(self, **changes: Any) -> GenerationParams:
@@ -138,6 +142,8 @@ def validate(p: GenerationParams, *, size_multiple: int = 8) -> GenerationParams
     if p.s_tmax != float("inf"):
         _float("s_tmax", p.s_tmax, 0.0)
     _float("guidance_rescale", p.guidance_rescale, 0.0, 1.0)
+    _int("deepcache", p.deepcache, 1, 100)
+    _int("deepcache_depth", p.deepcache_depth, 0, 64)
     if p.emphasis.lower() not in EMPHASIS:
         raise InvalidParameterError(f"emphasis {p.emphasis!r} is not one of {', '.join(EMPHASIS)}")
     if p.strength is not None:

@@ -32,7 +32,7 @@ from PIL import Image
 from sfumato import imageops
 from sfumato.config import ModelSpec
 from sfumato.errors import InvalidParameterError
-from sfumato.models.unet import UNetModel, timestep_embedding
+from sfumato.models.unet import StepCache, UNetModel, timestep_embedding
 from sfumato.models import ops
 from sfumato.models.vae import AutoencoderKL, DiagonalGaussian
 from sfumato.params import GenerationParams, validate
@@ -314,6 +314,7 @@ def guided_model(pipe: Pipeline, conds: _Conds, p: GenerationParams, state: dict
     """
     unet = pipe.unet
     dtype = pipe.dtype
+    cache = StepCache(p.deepcache, p.deepcache_depth) if p.deepcache > 1 else None
 
     def model(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         step = state["step"]
@@ -332,7 +333,7 @@ def guided_model(pipe: Pipeline, conds: _Conds, p: GenerationParams, state: dict
         if concat is not None:
             xs = torch.cat([xs, concat.repeat(n, 1, 1, 1).to(xs.dtype)], dim=1)
         ts = t.reshape(-1).expand(b).repeat(n)
-        out = unet(xs.to(dtype), ts, context=context, y=y).float().chunk(n)
+        out = unet(xs.to(dtype), ts, context=context, y=y, cache=cache).float().chunk(n)
         if not use_uncond:
             return out[0]
         uncond, conds_out = out[0], out[1:]

@@ -20,7 +20,7 @@ from torch import nn
 from sfumato.config import UNetConfig
 from sfumato.models.ops import attention, group_norm
 
-__all__ = ["UNetModel", "timestep_embedding"]
+__all__ = ["UNetModel", "StepCache", "timestep_embedding"]
 
 # LDM's ``normalization()`` (ResBlocks, output head) is GroupNorm32 with torch's default eps; the
 # SpatialTransformer's ``Normalize`` uses 1e-6. Diffusers matches both.
@@ -200,6 +200,34 @@ def _run_block(
     return h
 
 
+class StepCache:
+    """DeepCache (Ma, Fang and Wang, CVPR 2024): reuse the UNet's deep features across sampler calls.
+
+    Adjacent denoising steps change the deep, low-resolution features little. Every ``interval``-th call
+    runs the whole UNet and keeps the feature entering the last ``depth + 1`` output blocks; the calls
+    between run only the input blocks ``0..depth`` (the stem and the first ``depth`` blocks of the
+    highest-resolution level) and those output blocks, with the kept feature in place of everything
+    deeper. ``depth`` 1 on SD 1.5 skips about 80% of a call's FLOPs. One cache per generation: it counts
+    calls, and a batch or size change forces a full call.
+    """
+
+    def __init__(self, interval: int, depth: int = 1) -> None:
+        if interval < 1 or depth < 0:
+            raise ValueError(f"StepCache: interval >= 1 and depth >= 0, got {interval}, {depth}")
+        self.interval, self.depth = interval, depth
+        self.calls, self.full_calls = 0, 0
+        self.feature: torch.Tensor | None = None
+        self._size: tuple[int, ...] = ()
+
+    def _reuse(self, x: torch.Tensor) -> bool:
+        reuse = (self.calls % self.interval != 0 and self.feature is not None
+                 and self.feature.shape[0] == x.shape[0] and self._size == tuple(x.shape[-2:]))
+        self.calls += 1
+        self.full_calls += not reuse
+        self._size = tuple(x.shape[-2:])
+        return reuse
+
+
 class UNetModel(nn.Module):
     """The LDM UNet; state dict keys are the original checkpoint's, below ``model.diffusion_model.``."""
 
@@ -295,9 +323,10 @@ class UNetModel(nn.Module):
         timesteps: torch.Tensor,
         context: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
+        cache: StepCache | None = None,
     ) -> torch.Tensor:
         """x (B, in_channels, H, W), timesteps (B,), context (B, L, context_dim), y (B, adm) or (B,) labels
-        -> (B, out_channels, H, W)."""
+        -> (B, out_channels, H, W). ``cache``: skip the deep blocks on most calls (:class:`StepCache`)."""
         self._check_inputs(x, timesteps, context, y)
         t = timesteps.reshape(-1).expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(x.dtype))  # (B, 4*mc)
@@ -305,14 +334,21 @@ class UNetModel(nn.Module):
             assert y is not None
             emb = emb + self.label_emb(y if self.cfg.num_classes is not None else y.to(emb.dtype))
 
+        shallow = len(self.input_blocks) if cache is None else min(cache.depth + 1, len(self.input_blocks))
+        first_kept = len(self.output_blocks) - shallow  # the output blocks a cached call still runs
+        reuse = cache is not None and cache._reuse(x)
         h = x
         hs = []
-        for block in self.input_blocks:
+        for block in self.input_blocks[:shallow] if reuse else self.input_blocks:
             h = _run_block(block, h, emb, context)
             hs.append(h)
-        if self.middle_block is not None:
+        if reuse:
+            h = cache.feature
+        elif self.middle_block is not None:
             h = _run_block(self.middle_block, h, emb, context)
-        for block in self.output_blocks:
+        for i in range(first_kept if reuse else 0, len(self.output_blocks)):
+            if cache is not None and not reuse and i == first_kept:
+                cache.feature = h
             h = torch.cat([h, hs.pop()], dim=1)
-            h = _run_block(block, h, emb, context, tuple(hs[-1].shape[-2:]) if hs else None)
+            h = _run_block(self.output_blocks[i], h, emb, context, tuple(hs[-1].shape[-2:]) if hs else None)
         return self.out(h)
