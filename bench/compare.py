@@ -27,6 +27,8 @@ Ratios are sfumato / diffusers (below 1: sfumato is faster or smaller).
     python bench/compare.py --model ~/.cache/sfumato/bench/sd1-fp32.safetensors --size 512 --steps 20
     python bench/compare.py --model ~/.cache/sfumato/bench/sd1-fp32 --size 256 --steps 20          # folder
     python bench/compare.py --model sdxl-fp16.safetensors --size 1024 --steps 30 --device cuda --dtype fp16
+    python bench/compare.py --model ~/.cache/sfumato/bench/sd1-fp32.safetensors --size 256 --steps 20 \
+        --fast deepcache=3                                    # + a fast path: ratios and PSNR vs the exact image
 
 diffusers' ``from_single_file`` needs a diffusers config for the architecture: ``--config FOLDER``, by default
 the folder beside the file with the same name (what ``bench/checkpoints.py`` writes); without one it fetches
@@ -129,7 +131,7 @@ def worker_sfumato(args: argparse.Namespace) -> dict:
     def generate(steps: int):
         return pipe.generate(PROMPT, NEGATIVE, width=args.size, height=args.size, latents=noise, steps=steps,
                              sampler="euler", schedule="leading", seed=args.seed, cfg_scale=args.cfg,
-                             callback=lambda s: timer.step())
+                             callback=lambda s: timer.step(), **json.loads(args.gen_kw or "{}"))
 
     return _timed_run(generate, timer, args, import_s=import_s, load_s=load_s)
 
@@ -196,6 +198,31 @@ def max_pixel_diff(a: Path, b: Path) -> int:
     return int(np.abs(x - y).max())
 
 
+def psnr(a: Path, b: Path) -> float:
+    """PSNR in dB of two uint8 images (inf when identical)."""
+    import math
+
+    import numpy as np
+    from PIL import Image
+
+    x, y = (np.asarray(Image.open(p).convert("RGB"), dtype=np.float64) for p in (a, b))
+    mse = float(((x - y) ** 2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
+
+
+def _fast_options(items: list[str] | None) -> dict:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--fast {item!r}: expected KEY=VALUE, e.g. deepcache=3")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def _image_ok(path: Path) -> bool:
     import numpy as np
     from PIL import Image
@@ -230,7 +257,11 @@ def main(argv: list[str] | None = None) -> int:
                     "(default 1 on CUDA, 0 on the CPU)")
     ap.add_argument("--out", type=Path, help="keep both images in this folder")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--fast", nargs="+", metavar="KEY=VALUE", help="also run sfumato with these generation "
+                    "options (a fast path, e.g. deepcache=3) and report its ratios and its PSNR / max diff "
+                    "against sfumato's exact image")
     ap.add_argument("--worker", choices=("sfumato", "diffusers"), help=argparse.SUPPRESS)
+    ap.add_argument("--gen-kw", help=argparse.SUPPRESS)
     ap.add_argument("--family", help=argparse.SUPPRESS)
     ap.add_argument("--noise", help=argparse.SUPPRESS)
     ap.add_argument("--image", help=argparse.SUPPRESS)
@@ -258,13 +289,17 @@ def main(argv: list[str] | None = None) -> int:
         noise = Path(tmp) / "noise.pt"
         _write_noise(args, spec, noise)
         results = {}
-        for side in ("sfumato", "diffusers"):
-            cmd = [sys.executable, __file__, "--worker", side, "--model", str(args.model), "--family", spec.family,
+        fast = _fast_options(args.fast)
+        for side in ("sfumato", "diffusers", *(["fast"] if fast else [])):
+            worker = "sfumato" if side == "fast" else side
+            cmd = [sys.executable, __file__, "--worker", worker, "--model", str(args.model), "--family", spec.family,
                    "--noise", str(noise), "--image", str(images / f"{side}.png"), "--size", str(args.size),
                    "--steps", str(args.steps), "--device", args.device, "--dtype", args.dtype,
                    "--seed", str(args.seed), "--cfg", str(args.cfg), "--warmup", str(args.warmup)]
             if config is not None:
                 cmd += ["--config", str(config)]
+            if side == "fast":
+                cmd += ["--gen-kw", json.dumps(fast)]
             out = subprocess.run(cmd, capture_output=True, text=True)
             line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if out.returncode or line is None:
@@ -276,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
             r["image_ok"] = _image_ok(images / f"{side}.png")
             results[side] = r
         diff = max_pixel_diff(images / "sfumato.png", images / "diffusers.png")
+        if fast:
+            results["fast"]["psnr_db"] = psnr(images / "fast.png", images / "sfumato.png")
+            results["fast"]["max_diff"] = max_pixel_diff(images / "fast.png", images / "sfumato.png")
 
     s, d = results["sfumato"], results["diffusers"]
     layout = "diffusers folder" if args.model.is_dir() else "single file"
@@ -291,10 +329,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label:22} {s[key]:10.3f} {d[key]:10.3f} {ratios[key]:18.3f}")
     print(f"max pixel diff: {diff}/255 (uint8, {args.size}x{args.size}x3)"
           f"{'' if s['image_ok'] and d['image_ok'] else '; an image is flat (BAD)'}")
+    if fast:
+        fr = results["fast"]
+        print(f"fast path {fast}:")
+        print(f"{'':22} {'fast':>10} {'diffusers':>10} {'fast/diffusers':>18} {'fast/sfumato':>14}")
+        for key, label in ROWS:
+            if fr.get(key) is None or d.get(key) is None or not d[key] or not s.get(key):
+                continue
+            print(f"{label:22} {fr[key]:10.3f} {d[key]:10.3f} {fr[key] / d[key]:18.3f} {fr[key] / s[key]:14.3f}")
+        print(f"image against sfumato's exact one: PSNR {fr['psnr_db']:.1f} dB, max diff {fr['max_diff']}/255")
     if args.json:
         args.json.write_text(json.dumps({"family": spec.family, "model": str(args.model), "size": args.size,
                                          "steps": args.steps, "device": args.device, "dtype": args.dtype,
-                                         "sfumato": s, "diffusers": d, "ratio": ratios, "max_pixel_diff": diff},
+                                         "sfumato": s, "diffusers": d, "ratio": ratios, "max_pixel_diff": diff,
+                                         "fast": results.get("fast"), "fast_options": fast},
                                         indent=2) + "\n")
     return 0 if s["image_ok"] and d["image_ok"] else 1
 
