@@ -114,6 +114,19 @@ def test_compare_same_image_and_every_field(ckpts, tmp_path, family, layout):
         assert r["fast"] is None
 
 
+def test_memory_modes_bench(ckpts, tmp_path):
+    """bench/memory.py on the tiny SD 1.x folder: every mode runs on both sides; sfumato's tiles equal
+    diffusers' (same tiles and blend: PSNR >= 60 dB), and the tiled decode is near the whole one."""
+    out = _run("memory.py", "--model", ckpts / "tiny-sd1-fp32", "--size", 64, "--tile", 32,
+               "--json", tmp_path / "m.json")
+    r = json.loads((tmp_path / "m.json").read_text())
+    assert set(r["results"]) == {"sfumato whole", "diffusers whole", "sfumato tiled", "diffusers tiled",
+                                 "sfumato attn-slice"}, out.stdout
+    assert all(v["peak_rss_gb"] > 0 and v["decode_s"] > 0 for v in r["results"].values())
+    assert r["psnr_db"]["sfumato tiled vs diffusers tiled"] >= 60
+    assert r["psnr_db"]["sfumato"] > 10 and "RSS ratio" in out.stdout
+
+
 def test_roofline_counts_attention(tmp_path):
     _run("roofline.py", "--tiny", "--preset", "sd1", "--size", 32, "--json", tmp_path / "r.json")
     r = json.loads((tmp_path / "r.json").read_text())
