@@ -102,6 +102,7 @@ class Pipeline:
     source: Path | None = None
     ema: str | None = field(default=None)  # which UNet copy of a training checkpoint is loaded: "ema" | "raw"
     memory: MemoryOptions = field(default_factory=MemoryOptions)
+    lora_dir: Path | None = None  # where <lora:name:weight> prompt tags are looked up
     _hash: str | None = field(default=None, repr=False)
 
     def modules(self) -> list[torch.nn.Module]:
@@ -140,6 +141,34 @@ class Pipeline:
         from sfumato.weights.save import save
 
         return save(self, path, format=format, half=half, ema_only=ema_only)
+
+    # --- add-ons --------------------------------------------------------------------------------
+
+    def load_lora(self, path: str | os.PathLike, weight: float | tuple[float, float] = 1.0, *,
+                  name: str | None = None):
+        """Apply a LoRA file (kohya/AUTOMATIC1111 or diffusers/PEFT) with ``weight``, or a (UNet, text
+        encoder) pair; returns a handle for :meth:`unload_lora`. The base weights are kept: unloading
+        restores them bit for bit. See :mod:`sfumato.adapters.lora`."""
+        from sfumato.adapters.lora import load_lora
+
+        return load_lora(self, path, weight, name=name)
+
+    def unload_lora(self, handle) -> None:  # noqa: ANN001 - a LoraHandle
+        from sfumato.adapters.lora import unload_loras
+
+        unload_loras(self, [handle])
+
+    def unload_loras(self) -> None:
+        """Remove every loaded LoRA; the original weights come back exactly."""
+        from sfumato.adapters.lora import unload_loras
+
+        unload_loras(self)
+
+    @property
+    def loras(self) -> list:
+        """The loaded LoRA handles, in load order."""
+        state = getattr(self, "_lora", None)
+        return list(state.handles) if state is not None else []
 
     # --- the public generation API: thin wrappers over the spine -------------------------------
 
@@ -482,8 +511,9 @@ def run(pipe: Pipeline, p: GenerationParams, *, image: Image.Image | None = None
     b, f = p.batch_size, spec.vae.downscale
     shape = (b, spec.unet.out_channels, p.height // f, p.width // f)
 
+    text_p = _prompt_loras(pipe, p)
     with torch.inference_mode(), ops.attention_slicing(pipe.memory.attention_slice):
-        conds = conditioning(pipe, p)
+        conds = conditioning(pipe, text_p)
         discrete = discrete_schedule(spec.schedule)
         sigmas = get_sigmas(p.schedule, p.steps, discrete, sampler=info, ays_timesteps=spec.ays_timesteps).float()
         if p.denoising_start is not None:
@@ -618,12 +648,41 @@ def _img2img_start(p: GenerationParams) -> int:
     return p.steps - min(int(p.steps * p.strength), p.steps)
 
 
+def _prompt_loras(pipe: Pipeline, p: GenerationParams) -> GenerationParams:
+    """``<lora:name:weight>`` tags: load the prompt's LoRAs from ``pipe.lora_dir`` (those of the previous
+    prompt that it no longer names are unloaded, those it names again stay), and return the params with
+    the tags taken out of the text the encoders see. A second expert (``denoising_start``) only strips them."""
+    from sfumato.adapters.lora import extract_lora_tags, find_lora, load_lora, unload_loras
+
+    prompt, tags = extract_lora_tags(p.prompt)
+    prompt_2 = extract_lora_tags(p.prompt_2)[0] if p.prompt_2 is not None else None
+    if p.denoising_start is None:
+        want = {(t.name, t.unet_weight, t.te_weight) for t in tags}
+        old = [h for h in pipe.loras if h.from_prompt]
+        stale = [h for h in old if (h.name, h.unet_weight, h.te_weight) not in want]
+        if stale:
+            unload_loras(pipe, stale)
+        have = {(h.name, h.unet_weight, h.te_weight) for h in pipe.loras if h.from_prompt}
+        for t in tags:
+            if (t.name, t.unet_weight, t.te_weight) not in have:
+                load_lora(pipe, find_lora(pipe.lora_dir, t.name), (t.unet_weight, t.te_weight), name=t.name,
+                          from_prompt=True)
+    return p.replace(prompt=prompt, prompt_2=prompt_2) if (tags or prompt_2 != p.prompt_2) else p
+
+
+def _lora_fields(pipe: Pipeline) -> dict[str, Any]:
+    """AUTOMATIC1111's ``Lora hashes`` field: name: short hash of each loaded LoRA file."""
+    named = [f"{h.name}: {h.lora.hash}" for h in pipe.loras if h.lora.hash is not None]
+    return {"Lora hashes": ", ".join(named)} if named else {}
+
+
 def _result(pipe: Pipeline, p: GenerationParams, images: list[Image.Image], seed: int, *,
             inpaint: bool, extra: dict[str, Any] | None = None) -> GenerationResult:
     """Every image of a batch comes from the one seed's noise stream: image i is reproduced by the same
     seed and batch size (its infotext says "Batch size" and "Batch pos", as AUTOMATIC1111 writes them)."""
     from sfumato.metadata import infotext
 
+    extra = {**_lora_fields(pipe), **(extra or {})}
     n = len(images)
     texts = [infotext(p, seed=seed, model_name=pipe.model_name, model_hash=pipe.model_hash(), inpaint=inpaint,
                       extra={**(extra or {}), **({"Batch size": n, "Batch pos": i} if n > 1 else {})})

@@ -1,0 +1,368 @@
+"""LoRA add-ons as published: kohya / AUTOMATIC1111 files and diffusers / PEFT files.
+
+A LoRA adds ``weight * alpha / rank * up @ down`` to a Linear or Conv2d weight (Hu et al. 2021; conv
+LoRA, kohya's "LoCon", has a k x k ``down`` conv and a 1x1 ``up``). Formats, by key:
+
+- kohya / AUTOMATIC1111: ``lora_unet_<module>`` (SD 1.x/2.x name the UNet module as diffusers does,
+  ``down_blocks_0_attentions_0_...``; SDXL files as the original checkpoint does, ``input_blocks_4_1_...``;
+  both are accepted for every family), ``lora_te_<module>`` (``lora_te1_`` / ``lora_te2_`` for SDXL's two
+  encoders), each with ``.lora_down.weight``, ``.lora_up.weight`` and an optional ``.alpha`` (default:
+  the rank, a scale of 1). Module names are dotted paths with ``.`` written as ``_``.
+- diffusers / PEFT: ``unet.<diffusers module>.lora_A.weight`` / ``.lora_B.weight``, ``text_encoder.`` and
+  ``text_encoder_2.`` prefixes (optionally ``base_model.model.`` inside), an optional ``.alpha``.
+
+Every key must name a module of the loaded model (unmatched keys are an error that lists them), every
+delta must have its weight's shape, and a LoRA made for another family (its cross-attention or text width
+says which) is refused with a message naming both. Applying never loses the base weights: each touched
+weight keeps its original tensor, and the weight in use is rebuilt as original + the sum of the loaded
+LoRAs' deltas (computed in fp32), so unloading restores the original tensor itself, bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from sfumato.errors import CheckpointError, InvalidParameterError
+
+if TYPE_CHECKING:
+    from sfumato.pipeline import Pipeline
+
+__all__ = ["LoraFile", "LoraHandle", "read_lora", "load_lora", "unload_loras", "extract_lora_tags",
+           "find_lora", "addnet_hash", "LORA_EXTENSIONS"]
+
+LORA_EXTENSIONS = (".safetensors", ".pt", ".ckpt", ".bin")
+_KOHYA = re.compile(r"(lora_unet|lora_te[12]?)_(.+)\.(lora_down\.weight|lora_up\.weight|alpha)")
+_PEFT = re.compile(r"(unet|text_encoder|text_encoder_2)\.(?:base_model\.model\.)?(.+)\.(lora_A\.weight|lora_B\.weight|"
+                   r"lora\.down\.weight|lora\.up\.weight|alpha)")
+_PART = {"lora_down.weight": "down", "lora_A.weight": "down", "lora.down.weight": "down",
+         "lora_up.weight": "up", "lora_B.weight": "up", "lora.up.weight": "up", "alpha": "alpha"}
+# cross-attention width -> the family a UNet LoRA was made for, for the refusal message
+_CONTEXT_FAMILY = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL", 1280: "the SDXL refiner"}
+
+
+@dataclass(frozen=True)
+class LoraPatch:
+    """One module's low-rank pair: ``module`` is a path below ``Pipeline`` ("unet.input_blocks.1.1...",
+    "text_encoders.0.text_model...."), ``part`` is "unet" or "te" (which weight of a pair scales it)."""
+
+    module: str
+    part: str
+    down: Tensor  # (rank, in) or (rank, in, kh, kw)
+    up: Tensor  # (out, rank) or (out, rank, 1, 1)
+    alpha: float | None
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    def delta(self, shape: torch.Size) -> Tensor:
+        """``alpha / rank * up @ down`` in fp32, shaped like the weight (``shape``)."""
+        up, down = self.up.float().flatten(1), self.down.float().flatten(1)  # (out, r), (r, in*kh*kw)
+        scale = (self.alpha if self.alpha is not None else self.rank) / self.rank
+        return (up @ down).reshape(shape) * scale
+
+
+@dataclass
+class LoraFile:
+    """A LoRA read and matched to a pipeline's modules; ``hash``: AUTOMATIC1111's short hash (12 hex)."""
+
+    name: str
+    path: Path | None
+    patches: list[LoraPatch]
+    hash: str | None = None
+
+
+@dataclass
+class LoraHandle:
+    """A loaded LoRA with its weights; ``pipe.unload_lora(handle)`` or ``pipe.unload_loras()`` removes it."""
+
+    lora: LoraFile
+    unet_weight: float
+    te_weight: float
+    from_prompt: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.lora.name
+
+
+@dataclass
+class LoraState:
+    """Per pipeline: the loaded handles, and the original tensor of every weight any of them touched."""
+
+    handles: list[LoraHandle] = field(default_factory=list)
+    originals: dict[str, Tensor] = field(default_factory=dict)
+
+
+# --- reading --------------------------------------------------------------------------------------------
+
+def _read_tensors(path: Path) -> dict[str, Tensor]:
+    from sfumato.weights import io
+
+    with io.open_checkpoint(path) as ckpt:
+        return {k: ckpt.get(k) for k in ckpt.keys()}
+
+
+def addnet_hash(path: str | os.PathLike) -> str:
+    """AUTOMATIC1111's LoRA hash (``Lora hashes`` in the infotext): SHA-256 of a safetensors file's tensor
+    data, the header skipped (kohya's "addnet" hash), of the whole file for other formats; 12 hex digits."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if str(path).lower().endswith(".safetensors"):
+            (n,) = struct.unpack("<Q", f.read(8))
+            f.seek(8 + n)
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:12]
+
+
+def _module_names(pipe: Pipeline) -> dict[str, str]:
+    """Every LoRA-able module (Linear, Conv2d) by the names files use -> its path below the pipeline."""
+    from sfumato.weights.keymap_unet import unet_key_map
+
+    table = unet_key_map(pipe.unet.cfg)
+    names: dict[str, str] = {}
+    for name, mod in pipe.unet.named_modules():
+        if not isinstance(mod, (nn.Linear, nn.Conv2d)):
+            continue
+        path = f"unet.{name}"
+        names[f"lora_unet_{name.replace('.', '_')}"] = path
+        parts = name.split(".")
+        for cut in range(len(parts), 0, -1):
+            hit = table.get(".".join(parts[:cut]))
+            if hit is not None:
+                dname = ".".join([hit[0], *parts[cut:]])
+                names[f"lora_unet_{dname.replace('.', '_')}"] = path
+                names[f"unet.{dname}"] = path
+                break
+    encoders = pipe.text_encoders
+    prefixes = (["lora_te", "lora_te1"], ["lora_te2"]) if len(encoders) > 1 else (["lora_te", "lora_te1"],)
+    peft = ("text_encoder", "text_encoder_2")
+    for i, enc in enumerate(encoders):
+        for name, mod in enc.named_modules():
+            if isinstance(mod, nn.Linear) and name.startswith("text_model."):
+                path = f"text_encoders.{i}.{name}"
+                for pre in prefixes[i]:
+                    names[f"{pre}_{name.replace('.', '_')}"] = path
+                names[f"{peft[i]}.{name}"] = path
+                names[f"{peft[i]}.{name[len('text_model.'):]}"] = path  # transformers 5 names, no text_model
+    return names
+
+
+def _group(tensors: Mapping[str, Tensor], source: str) -> dict[str, dict[str, Tensor]]:
+    """{file module name: {"down", "up", "alpha"}}; keys of no known LoRA format are an error."""
+    groups: dict[str, dict[str, Tensor]] = {}
+    unknown = []
+    for key, t in tensors.items():
+        m = _KOHYA.fullmatch(key)
+        if m is not None:
+            groups.setdefault(f"{m.group(1)}_{m.group(2)}", {})[_PART[m.group(3)]] = t
+            continue
+        m = _PEFT.fullmatch(key)
+        if m is not None:
+            groups.setdefault(f"{m.group(1)}.{m.group(2)}", {})[_PART[m.group(3)]] = t
+            continue
+        unknown.append(key)
+    if unknown:
+        lycoris = [k for k in unknown if re.search(r"\.(hada_|lokr_|diff|dora_scale|lora_mid)", k)]
+        what = (" (LyCORIS LoHa / LoKr / full-diff / DoRA / Tucker keys, which sfumato does not apply yet)"
+                if lycoris else "")
+        raise CheckpointError(f"{source}: {len(unknown)} key(s) of no LoRA format sfumato reads{what}: "
+                              f"{', '.join(sorted(unknown)[:8])}{' ...' if len(unknown) > 8 else ''}")
+    if not groups:
+        raise CheckpointError(f"{source}: no LoRA weights in the file")
+    return groups
+
+
+def _made_for(groups: Mapping[str, Mapping[str, Tensor]]) -> str | None:
+    """The family a file's UNet cross-attention key/value LoRAs were made for, by their input width."""
+    for name, parts in groups.items():
+        if re.search(r"attn2[._]to_[kv]$", name) and "down" in parts:
+            width = parts["down"].shape[1]
+            return f"{_CONTEXT_FAMILY.get(width, 'another model')} (cross-attention width {width})"
+    return None
+
+
+def read_lora(pipe: Pipeline, source: str | os.PathLike | Mapping[str, Tensor], name: str | None = None) -> LoraFile:
+    """Read a LoRA file (or state dict) and match every key to a module of ``pipe``'s model."""
+    if isinstance(source, Mapping):
+        path, tensors, label = None, dict(source), name or "lora"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such LoRA file")
+        tensors, label = _read_tensors(path), name or path.stem
+    where = str(path) if path is not None else label
+    groups = _group(tensors, where)
+    names = _module_names(pipe)
+    modules = dict(pipe_modules(pipe))
+    family = _made_for(groups)
+    context = pipe.unet.cfg.context_dim
+    if family is not None and f"width {context})" not in family:
+        raise CheckpointError(f"{where}: this LoRA was made for {family}; the loaded model is "
+                              f"{pipe.spec.family} (cross-attention width {context})")
+    patches, unmatched, problems = [], [], []
+    for fname, parts in sorted(groups.items()):
+        target = names.get(fname)
+        if target is None:
+            unmatched.append(fname)
+            continue
+        if "down" not in parts or "up" not in parts:
+            problems.append(f"{fname}: needs both down and up weights")
+            continue
+        down, up = parts["down"], parts["up"]
+        weight = modules[target].weight
+        alpha = float(parts["alpha"]) if "alpha" in parts else None
+        if (up.shape[1] != down.shape[0] or up.shape[0] != weight.shape[0]
+                or down.flatten(1).shape[1] != weight[0].numel() or (down.ndim == 4 and weight.ndim == 4
+                                                                     and down.shape[2:] != weight.shape[2:])):
+            problems.append(f"{fname}: up {tuple(up.shape)} x down {tuple(down.shape)} does not fit the "
+                            f"weight {tuple(weight.shape)}")
+            continue
+        patches.append(LoraPatch(target, "unet" if target.startswith("unet.") else "te", down, up, alpha))
+    if unmatched:
+        raise CheckpointError(f"{where}: {len(unmatched)} LoRA module(s) match nothing in this "
+                              f"{pipe.spec.family} model: {', '.join(unmatched[:8])}"
+                              f"{' ...' if len(unmatched) > 8 else ''}")
+    if problems:
+        raise CheckpointError(f"{where}: this LoRA does not fit the {pipe.spec.family} model: "
+                              + "; ".join(problems[:8]) + (" ..." if len(problems) > 8 else ""))
+    return LoraFile(label, path, patches, addnet_hash(path) if path is not None else None)
+
+
+def pipe_modules(pipe: Pipeline) -> Iterable[tuple[str, nn.Module]]:
+    yield from ((f"unet.{n}", m) for n, m in pipe.unet.named_modules() if n)
+    for i, enc in enumerate(pipe.text_encoders):
+        yield from ((f"text_encoders.{i}.{n}", m) for n, m in enc.named_modules() if n)
+
+
+# --- applying -------------------------------------------------------------------------------------------
+
+def _state(pipe: Pipeline) -> LoraState:
+    state = getattr(pipe, "_lora", None)
+    if state is None:
+        state = LoraState()
+        pipe._lora = state
+    return state
+
+
+def _rebuild(pipe: Pipeline, paths: Iterable[str]) -> None:
+    """Set each weight in ``paths`` to its original + the deltas of every loaded handle (in load order)."""
+    state = _state(pipe)
+    modules = dict(pipe_modules(pipe))
+    for path in set(paths):
+        module = modules[path]
+        original = state.originals[path]
+        total, touched = None, False
+        for h in state.handles:
+            for p in h.lora.patches:
+                if p.module == path:
+                    touched = True
+                    w = h.unet_weight if p.part == "unet" else h.te_weight
+                    if w != 0.0:
+                        d = p.delta(original.shape) * w
+                        total = d if total is None else total + d
+        if total is None:
+            module.weight = nn.Parameter(original, requires_grad=False)
+            if not touched:
+                del state.originals[path]
+        else:
+            new = (original.float() + total.to(original.device)).to(original.dtype)
+            module.weight = nn.Parameter(new, requires_grad=False)
+
+
+def load_lora(pipe: Pipeline, source: str | os.PathLike | Mapping[str, Tensor] | LoraFile,
+              weight: float | tuple[float, float] = 1.0, *, name: str | None = None,
+              from_prompt: bool = False) -> LoraHandle:
+    """Apply a LoRA to ``pipe`` with ``weight`` (or ``(unet_weight, text_encoder_weight)``)."""
+    unet_w, te_w = _weights(weight)
+    lora = source if isinstance(source, LoraFile) else read_lora(pipe, source, name)
+    state = _state(pipe)
+    modules = dict(pipe_modules(pipe))
+    for p in lora.patches:
+        state.originals.setdefault(p.module, modules[p.module].weight.data)
+    handle = LoraHandle(lora, unet_w, te_w, from_prompt)
+    state.handles.append(handle)
+    _rebuild(pipe, (p.module for p in lora.patches))
+    return handle
+
+
+def unload_loras(pipe: Pipeline, handles: Iterable[LoraHandle] | None = None) -> None:
+    """Remove ``handles`` (default: every loaded LoRA); weights no LoRA touches any more get their
+    original tensors back."""
+    state = _state(pipe)
+    gone = list(state.handles) if handles is None else list(handles)
+    for h in gone:
+        if h not in state.handles:
+            raise InvalidParameterError(f"LoRA {h.name!r} is not loaded on this pipeline")
+    state.handles = [h for h in state.handles if h not in gone]
+    _rebuild(pipe, (p.module for h in gone for p in h.lora.patches))
+
+
+def _weights(weight: float | tuple[float, float]) -> tuple[float, float]:
+    pair = tuple(weight) if isinstance(weight, (tuple, list)) else (weight, weight)
+    if len(pair) != 2 or any(isinstance(w, bool) or not isinstance(w, (int, float)) or w != w for w in pair):
+        raise InvalidParameterError(f"LoRA weight must be a number or a (unet, text_encoder) pair, got {weight!r}")
+    if any(abs(w) > 100 for w in pair):
+        raise InvalidParameterError(f"LoRA weight {weight!r} is out of range: allowed [-100, 100]")
+    return float(pair[0]), float(pair[1])
+
+
+# --- <lora:name:weight> in prompts ----------------------------------------------------------------------
+
+_TAG = re.compile(r"<lora:([^:>]+)((?::[^:>]*)*)>")
+
+
+@dataclass(frozen=True)
+class LoraTag:
+    name: str
+    unet_weight: float
+    te_weight: float
+
+
+def extract_lora_tags(prompt: str) -> tuple[str, list[LoraTag]]:
+    """AUTOMATIC1111's ``<lora:name>``, ``<lora:name:w>``, ``<lora:name:te_w:unet_w>`` and named
+    ``te=``/``unet=`` arguments: the prompt without the tags, and the tags (the same name twice: the last)."""
+    tags: dict[str, LoraTag] = {}
+
+    def take(m: re.Match) -> str:
+        name, rest = m.group(1).strip(), [a for a in m.group(2).split(":")[1:]]
+        positional, named = [], {}
+        for a in rest:
+            k, sep, v = a.partition("=")
+            if sep:
+                named[k.strip()] = v
+            else:
+                positional.append(a)
+        try:
+            te = float(named.get("te", positional[0] if positional else 1.0))
+            unet = float(named.get("unet", positional[1] if len(positional) > 1 else te))
+        except ValueError:
+            raise InvalidParameterError(f"prompt tag {m.group(0)!r}: weights must be numbers") from None
+        tags[name] = LoraTag(name, unet, te)
+        return ""
+
+    return _TAG.sub(take, prompt), list(tags.values())
+
+
+def find_lora(folder: str | os.PathLike | None, name: str) -> Path:
+    """The LoRA file called ``name`` (file stem, or a path relative to the folder) under ``folder``."""
+    if folder is None:
+        raise InvalidParameterError(f"<lora:{name}> in the prompt needs a LoRA folder (lora_dir / --lora-dir)")
+    root = Path(folder)
+    direct = [root / f"{name}{ext}" for ext in ("", *LORA_EXTENSIONS)]
+    hits = [p for p in direct if p.is_file()] or sorted(
+        p for p in root.rglob("*") if p.suffix.lower() in LORA_EXTENSIONS and p.stem == name)
+    if not hits:
+        raise InvalidParameterError(f"<lora:{name}>: no {'/'.join(LORA_EXTENSIONS)} file named {name!r} in {root}")
+    return hits[0]

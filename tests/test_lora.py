@@ -1,0 +1,253 @@
+"""LoRA (issue 8): kohya and PEFT files made here for tiny SD 1.x and SDXL models, applied by sfumato and by
+diffusers' ``load_lora_weights`` (PEFT): same UNet and text-encoder outputs (max|diff| stated), same
+image; unloading restores the base weights bit for bit; wrong files fail with the documented errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import sfumato
+from sfumato.adapters.lora import addnet_hash, extract_lora_tags
+from sfumato.errors import CheckpointError, InvalidParameterError
+from sfumato.weights.io import write_safetensors
+from tests import tiny
+
+# fp32 module outputs, ours (merged weights) against PEFT's separate low-rank path, relative to the largest
+# output value (outputs reach ~5-20 here; merging rounds differently: measured up to 2e-6 relative)
+TOL = 1e-5
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    return {fam: tiny.build(fam, root / fam, seed=20 + i) for i, fam in enumerate(("sd1", "sdxl"))}
+
+
+def _reference(folder):
+    import diffusers
+
+    cls = diffusers.StableDiffusionXLPipeline if "sdxl" in folder.name else diffusers.StableDiffusionPipeline
+    kw = {} if "sdxl" in folder.name else {"safety_checker": None, "requires_safety_checker": False}
+    pipe = cls.from_pretrained(str(folder), local_files_only=True, **kw)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _targets(ref, *, conv: bool, unet_names: str) -> dict[str, torch.nn.Module]:
+    """Modules a kohya LoRA names: attention and feed-forward linears (+ resnet convs) of the UNet, the
+    text encoders' attention and MLP linears. ``unet_names``: "diffusers" or "original" (SDXL files)."""
+    from sfumato.weights.keymap_unet import unet_config_from_diffusers, unet_key_map
+
+    out = {}
+    back = {v[0]: k for k, v in unet_key_map(unet_config_from_diffusers(dict(ref.unet.config))).items()}
+    for name, m in ref.unet.named_modules():
+        attn = ".attentions." in name and isinstance(m, torch.nn.Linear | torch.nn.Conv2d)
+        res = conv and ".resnets." in name and isinstance(m, torch.nn.Conv2d) and name.endswith(("conv1", "conv2"))
+        if not (attn or res):
+            continue
+        key = name
+        if unet_names == "original":
+            parts = name.split(".")
+            for cut in range(len(parts), 0, -1):
+                if ".".join(parts[:cut]) in back:
+                    key = ".".join([back[".".join(parts[:cut])], *parts[cut:]])
+                    break
+        out[f"lora_unet_{key.replace('.', '_')}"] = m
+    encoders = [ref.text_encoder] + ([ref.text_encoder_2] if getattr(ref, "text_encoder_2", None) else [])
+    prefixes = ["lora_te"] if len(encoders) == 1 else ["lora_te1", "lora_te2"]
+    for pre, enc in zip(prefixes, encoders):
+        for name, m in enc.named_modules():
+            if isinstance(m, torch.nn.Linear) and name.startswith("text_model.encoder."):
+                out[f"{pre}_{name.replace('.', '_')}"] = m
+    return out
+
+
+def kohya_lora(ref, *, rank=4, seed=0, conv=True, unet_names="diffusers", alpha=2.0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, m in _targets(ref, conv=conv, unet_names=unet_names).items():
+        w = m.weight
+        if w.ndim == 4:
+            down = torch.randn(rank, w.shape[1], *w.shape[2:], generator=g) * 0.3
+            up = torch.randn(w.shape[0], rank, 1, 1, generator=g) * 0.3
+        else:
+            down, up = torch.randn(rank, w.shape[1], generator=g) * 0.3, torch.randn(w.shape[0], rank, generator=g) * 0.3
+        sd[f"{key}.lora_down.weight"], sd[f"{key}.lora_up.weight"] = down, up
+        sd[f"{key}.alpha"] = torch.tensor(alpha)
+    return sd
+
+
+def peft_lora(ref, *, rank=4, seed=1) -> dict[str, torch.Tensor]:
+    """diffusers' own LoRA layout (what ``save_lora_weights`` writes): no alphas, scale 1."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, m in ref.unet.named_modules():
+        if ".attentions." in name and name.endswith(("to_q", "to_k", "to_v", "to_out.0")):
+            sd[f"unet.{name}.lora_A.weight"] = torch.randn(rank, m.weight.shape[1], generator=g) * 0.3
+            sd[f"unet.{name}.lora_B.weight"] = torch.randn(m.weight.shape[0], rank, generator=g) * 0.3
+    for name, m in ref.text_encoder.named_modules():
+        if name.endswith(("q_proj", "k_proj", "v_proj", "out_proj")):
+            sd[f"text_encoder.{name}.lora_A.weight"] = torch.randn(rank, m.weight.shape[1], generator=g) * 0.3
+            sd[f"text_encoder.{name}.lora_B.weight"] = torch.randn(m.weight.shape[0], rank, generator=g) * 0.3
+    return sd
+
+
+def _save(sd, path):
+    write_safetensors(path, sd)
+    return path
+
+
+@torch.no_grad()
+def _compare_networks(ours, ref, family: str) -> float:
+    """max|diff| / max|ref| of the UNet and of every text encoder's last hidden state, ours against diffusers'."""
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 49406, (2, 77), generator=g)
+    worst = 0.0
+    encoders = [ref.text_encoder] + ([ref.text_encoder_2] if family == "sdxl" else [])
+    for enc_ours, enc_ref in zip(ours.text_encoders, encoders):
+        a = enc_ours(ids, layer=-1, final_norm=True).hidden
+        b = enc_ref(ids, output_hidden_states=True).last_hidden_state
+        worst = max(worst, (a - b).abs().max().item() / b.abs().max().item())
+    cfg = ours.unet.cfg
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([500, 500])
+    ctx = torch.randn(2, 77, cfg.context_dim, generator=g)
+    kw = {}
+    y = None
+    if family == "sdxl":
+        y = torch.randn(2, cfg.adm_in_channels, generator=g)
+        pooled = ref.text_encoder_2.config.projection_dim
+        kw["added_cond_kwargs"] = {"text_embeds": y[:, :pooled],
+                                   "time_ids": torch.zeros(2, (cfg.adm_in_channels - pooled) // tiny.TIME_EMBED)}
+        # time ids of 0 embed to the same Fourier features on both sides: feed ours the same vector
+        from sfumato.models.unet import timestep_embedding
+
+        y = torch.cat([y[:, :pooled], timestep_embedding(torch.zeros(2 * kw["added_cond_kwargs"]["time_ids"].shape[1]),
+                                                          tiny.TIME_EMBED).reshape(2, -1)], dim=1)
+    a = ours.unet(x, t, context=ctx, y=y)
+    b = ref.unet(x, t, encoder_hidden_states=ctx, **kw).sample
+    return max(worst, (a - b).abs().max().item() / b.abs().max().item())
+
+
+@pytest.mark.parametrize("family,fmt,unet_names,conv", [
+    ("sd1", "kohya", "diffusers", True), ("sd1", "peft", None, False), ("sdxl", "kohya", "original", True),
+    ("sdxl", "kohya", "diffusers", False)])
+@pytest.mark.parametrize("weight", [0.5, 1.0])
+def test_lora_matches_diffusers(folders, tmp_path, family, fmt, unet_names, conv, weight):
+    folder = folders[family]
+    ref = _reference(folder)
+    sd = kohya_lora(ref, conv=conv, unet_names=unet_names) if fmt == "kohya" else peft_lora(ref)
+    path = _save(sd, tmp_path / "style.safetensors")
+    ours = sfumato.load(folder)
+    base_diff = _compare_networks(ours, ref, family)
+    handle = ours.load_lora(path, weight=weight)
+    assert len(handle.lora.patches) == len({k.rsplit(".", 2)[0] for k in sd if not k.endswith(".alpha")})
+    ref.load_lora_weights(str(tmp_path), weight_name="style.safetensors", adapter_name="style")
+    ref.set_adapters(["style"], adapter_weights=[weight])
+    d = _compare_networks(ours, ref, family)
+    assert d <= TOL, f"{family} {fmt}: max|diff| {d:.2e} > {TOL:.0e} (before the LoRA: {base_diff:.2e})"
+
+
+def test_two_loras_with_separate_weights_match_diffusers_and_change_the_image(folders, tmp_path):
+    folder = folders["sd1"]
+    ref = _reference(folder)
+    a = _save(kohya_lora(ref, seed=1), tmp_path / "a.safetensors")
+    b = _save(kohya_lora(ref, seed=2, conv=False), tmp_path / "b.safetensors")
+    ours = sfumato.load(folder)
+    kw = dict(width=SIZE, height=SIZE, steps=4, cfg_scale=5.0, sampler="euler", schedule="leading", seed=3)
+    before = ours.generate("a red circle", **kw).images[0]
+    ours.load_lora(a, weight=0.7)
+    ours.load_lora(b, weight=(0.4, 0.4))
+    got = ours.generate("a red circle", **kw)
+    ref.load_lora_weights(str(tmp_path), weight_name="a.safetensors", adapter_name="a")
+    ref.load_lora_weights(str(tmp_path), weight_name="b.safetensors", adapter_name="b")
+    ref.set_adapters(["a", "b"], adapter_weights=[0.7, 0.4])
+    assert _compare_networks(ours, ref, "sd1") <= TOL
+    want = ref("a red circle", num_inference_steps=4, guidance_scale=5.0, width=SIZE, height=SIZE,
+               generator=torch.Generator().manual_seed(3)).images[0]
+    diff = np.abs(np.asarray(got.images[0], np.int16) - np.asarray(want, np.int16)).max()
+    moved = np.abs(np.asarray(got.images[0], np.int16) - np.asarray(before, np.int16)).max()
+    assert diff <= 2 and moved > 10, f"image max|diff| {diff}/255, LoRAs moved it by {moved}/255"
+    text = got.infotexts[0]
+    assert f"Lora hashes: \"a: {addnet_hash(a)}, b: {addnet_hash(b)}\"" in text
+
+
+def test_unload_restores_the_base_weights_bit_for_bit(folders, tmp_path):
+    ours = sfumato.load(folders["sdxl"])
+    def weights():  # both text encoders have the same key names: key by module too
+        return {f"{i}.{k}": v for i, m in enumerate(ours.modules()) for k, v in m.state_dict().items()}
+
+    before = {k: v.clone() for k, v in weights().items()}
+    tensors = {v.data_ptr() for v in weights().values()}
+    ref = _reference(folders["sdxl"])
+    a = ours.load_lora(_save(kohya_lora(ref, unet_names="original"), tmp_path / "a.safetensors"), weight=0.8)
+    ours.load_lora(_save(kohya_lora(ref, seed=4, conv=False), tmp_path / "b.safetensors"), weight=(1.0, 0.0))
+    changed = [k for k, v in weights().items() if not torch.equal(v, before[k])]
+    assert changed
+    ours.unload_lora(a)
+    assert len(ours.loras) == 1
+    ours.unload_loras()
+    after = weights()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert {v.data_ptr() for v in after.values()} == tensors, "unload must give back the original tensors themselves"
+    with pytest.raises(InvalidParameterError, match="not loaded"):
+        ours.unload_lora(a)
+
+
+def test_wrong_family_unknown_keys_and_bad_files_are_refused(folders, tmp_path):
+    sd1, sdxl = sfumato.load(folders["sd1"]), sfumato.load(folders["sdxl"])
+    ref_xl = _reference(folders["sdxl"])
+    xl_file = _save(kohya_lora(ref_xl, unet_names="original"), tmp_path / "xl.safetensors")
+    with pytest.raises(CheckpointError, match=r"made for another model \(cross-attention width 192\); the loaded model is sd1 \(cross-attention width 64\)"):
+        sd1.load_lora(xl_file)
+    sd = kohya_lora(_reference(folders["sd1"]), conv=False)
+    sd["lora_unet_no_such_block_proj.lora_down.weight"] = torch.zeros(4, 8)
+    sd["lora_unet_no_such_block_proj.lora_up.weight"] = torch.zeros(8, 4)
+    with pytest.raises(CheckpointError, match="1 LoRA module.*match nothing.*lora_unet_no_such_block_proj"):
+        sd1.load_lora(_save(sd, tmp_path / "extra.safetensors"))
+    loha = {"lora_unet_x.hada_w1_a": torch.zeros(2, 2)}
+    with pytest.raises(CheckpointError, match="LyCORIS"):
+        sd1.load_lora(_save(loha, tmp_path / "loha.safetensors"))
+    (tmp_path / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(CheckpointError, match="corrupt.safetensors"):
+        sd1.load_lora(tmp_path / "corrupt.safetensors")
+    with pytest.raises(CheckpointError, match="no such LoRA file"):
+        sd1.load_lora(tmp_path / "absent.safetensors")
+    with pytest.raises(InvalidParameterError, match="LoRA weight"):
+        sdxl.load_lora(xl_file, weight="strong")
+    assert sd1.loras == [] and sdxl.loras == []
+
+
+def test_prompt_tags_load_from_the_lora_folder_and_follow_the_prompt(folders, tmp_path):
+    ours = sfumato.load(folders["sd1"])
+    ref = _reference(folders["sd1"])
+    _save(kohya_lora(ref, seed=7), tmp_path / "ink.safetensors")
+    ours.lora_dir = tmp_path
+    kw = dict(width=SIZE, height=SIZE, steps=3, seed=1)
+    plain = ours.generate("a red circle", **kw)
+    tagged = ours.generate("a red circle <lora:ink:0.6>", **kw)
+    assert [(h.name, h.unet_weight, h.te_weight) for h in ours.loras] == [("ink", 0.6, 0.6)]
+    explicit = sfumato.load(folders["sd1"])
+    explicit.load_lora(tmp_path / "ink.safetensors", 0.6)
+    same = explicit.generate("a red circle", **kw)
+    assert np.array_equal(np.asarray(tagged.images[0]), np.asarray(same.images[0]))
+    assert not np.array_equal(np.asarray(tagged.images[0]), np.asarray(plain.images[0]))
+    assert tagged.infotexts[0].startswith("a red circle <lora:ink:0.6>") and "Lora hashes: \"ink: " in tagged.infotexts[0]
+    again = ours.generate("a red circle", **kw)  # the tag is gone: so is the LoRA
+    assert ours.loras == [] and np.array_equal(np.asarray(again.images[0]), np.asarray(plain.images[0]))
+    with pytest.raises(InvalidParameterError, match="no .* file named 'nope'"):
+        ours.generate("x <lora:nope:1>", **kw)
+
+
+def test_extract_lora_tags():
+    text, tags = extract_lora_tags("a cat <lora:ink:0.5>, <lora:soft> and <lora:two:0.2:0.9> <lora:n:te=0.1:unet=0.3>")
+    assert text == "a cat ,  and  "
+    assert [(t.name, t.te_weight, t.unet_weight) for t in tags] == [
+        ("ink", 0.5, 0.5), ("soft", 1.0, 1.0), ("two", 0.2, 0.9), ("n", 0.1, 0.3)]
+    with pytest.raises(InvalidParameterError, match="numbers"):
+        extract_lora_tags("<lora:x:strong>")
+
+
