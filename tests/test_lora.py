@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import sfumato
 from sfumato.adapters.lora import addnet_hash, extract_lora_tags
@@ -251,3 +252,26 @@ def test_extract_lora_tags():
         extract_lora_tags("<lora:x:strong>")
 
 
+
+
+def test_cli_lora_options(folders, tmp_path, capsys):
+    from sfumato.cli import main
+
+    folder = folders["sd1"]
+    lora = _save(kohya_lora(_reference(folder), seed=8), tmp_path / "ink.safetensors")
+    common = ["--model", str(folder), "--width", "32", "--height", "32", "--steps", "3", "--seed", "2", "-q"]
+    assert main(["generate", "a red circle", *common, "--lora", f"{lora}:0.6:0.3", "-o", str(tmp_path / "a.png")]) == 0
+    assert main(["generate", "a red circle <lora:ink:0.6:0.3>", *common, "--lora-dir", str(tmp_path),
+                 "-o", str(tmp_path / "b.png")]) == 0
+    api = sfumato.load(folder)
+    api.load_lora(lora, (0.3, 0.6))  # the tag's order is te, unet; --lora's is unet, te
+    want = api.generate("a red circle", width=32, height=32, steps=3, seed=2).images[0]
+    b = np.asarray(Image.open(tmp_path / "b.png").convert("RGB"))
+    assert np.array_equal(b, np.asarray(want))
+    a = np.asarray(Image.open(tmp_path / "a.png").convert("RGB"))
+    assert not np.array_equal(a, b)
+    capsys.readouterr()
+    assert main(["generate", "x", *common, "--lora", str(tmp_path / "absent.safetensors:0.5"), "-o",
+                 str(tmp_path / "c.png")]) == 2
+    err = capsys.readouterr().err
+    assert "no such file" in err and "absent.safetensors" in err and not (tmp_path / "c.png").exists()

@@ -254,6 +254,11 @@ def _generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subseed", type=int, help="variation seed")
     p.add_argument("--subseed-strength", type=float, help="how much of the variation seed's noise, 0..1")
     p.add_argument("--eta", type=float, help="noise of ancestral / DDIM samplers (default: the sampler's)")
+    addons = p.add_argument_group("add-ons")
+    addons.add_argument("--lora", action="append", default=[], metavar="PATH[:W[:TE_W]]",
+                        help="apply a LoRA file with weight W (default 1; TE_W: a separate text-encoder weight); "
+                        "repeatable")
+    addons.add_argument("--lora-dir", metavar="DIR", help="folder where <lora:name:w> prompt tags are looked up")
     fast = p.add_argument_group("fast paths (off by default; not the exact image)")
     fast.add_argument("--deepcache", type=int, metavar="N", help="DeepCache: the whole UNet every N-th step, its "
                       "shallow blocks only in between (default: 1, off)")
@@ -451,6 +456,26 @@ def _check_params(args: argparse.Namespace, kw: dict[str, Any]) -> None:
                               height=args.height if args.height is not None else 512, **fields))
 
 
+def _lora_arg(text: str) -> tuple[Path, tuple[float, float]]:
+    """``PATH``, ``PATH:W`` or ``PATH:W:TE_W`` -> (path, (unet weight, text-encoder weight))."""
+    from sfumato.errors import InvalidParameterError
+
+    path, weights = text, []
+    while ":" in path and not Path(path).is_file():
+        head, _, tail = path.rpartition(":")
+        try:
+            weights.insert(0, float(tail))
+        except ValueError:
+            break
+        path = head
+    if not Path(path).is_file():
+        raise InvalidParameterError(f"--lora {text}: no such file {path!r} (give PATH, PATH:W or PATH:W:TE_W)")
+    if len(weights) > 2:
+        raise InvalidParameterError(f"--lora {text}: at most two weights (UNet, text encoder)")
+    unet = weights[0] if weights else 1.0
+    return Path(path), (unet, weights[1] if len(weights) > 1 else unet)
+
+
 def _output_paths(args: argparse.Namespace, n: int) -> list[Path] | None:
     if args.output is None:
         return None
@@ -484,6 +509,9 @@ def _generate(args: argparse.Namespace) -> int:
         check_output(path, overwrite=args.overwrite)
     image = load_image(args.image) if args.command != "generate" else None
     mask = load_mask(args.mask) if args.command == "inpaint" else None
+    loras = [_lora_arg(a) for a in args.lora]
+    if args.lora_dir is not None and not Path(args.lora_dir).is_dir():
+        raise InvalidParameterError(f"--lora-dir {args.lora_dir}: not a folder")
     memory = MemoryOptions(vae_tiling=args.vae_tiling or args.vae_tile is not None, vae_tile=args.vae_tile,
                            vae_slicing=args.vae_slicing, attention_slice=args.attention_slice)
 
@@ -493,6 +521,10 @@ def _generate(args: argparse.Namespace) -> int:
                         vae=args.vae)
     _status(args, f"loaded {pipe.spec.family} in {time.monotonic() - t0:.1f}s")
     pipe.memory = memory
+    pipe.lora_dir = Path(args.lora_dir) if args.lora_dir else None
+    for path, weight in loras:
+        handle = pipe.load_lora(path, weight)
+        _status(args, f"LoRA {handle.name}: {len(handle.lora.patches)} modules, weight {weight[0]:g}/{weight[1]:g}")
     if args.refiner is not None:
         refiner = sfumato.load(args.refiner, device=_device(args.device), dtype=args.dtype, share=pipe)
         refiner.memory = memory
