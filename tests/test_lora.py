@@ -4,6 +4,8 @@ image; unloading restores the base weights bit for bit; wrong files fail with th
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -275,3 +277,35 @@ def test_cli_lora_options(folders, tmp_path, capsys):
                  str(tmp_path / "c.png")]) == 2
     err = capsys.readouterr().err
     assert "no such file" in err and "absent.safetensors" in err and not (tmp_path / "c.png").exists()
+
+
+def test_server_lists_loras_and_applies_prompt_tags(folders, tmp_path):
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    from sfumato.server.app import ServerConfig
+
+    from .server_util import running
+
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    _save(kohya_lora(_reference(folders["sd1"]), seed=9), loras / "ink.safetensors")
+    config = ServerConfig(model=folders["sd1"], data_dir=tmp_path / "data", lora_dir=loras)
+    with running(config) as srv:
+        listed = httpx.get(srv.url + "/sdapi/v1/loras", timeout=30).json()
+        assert [e["name"] for e in listed] == ["ink"]
+        body = {"prompt": "a red circle <lora:ink:0.6>", "width": SIZE, "height": SIZE, "steps": 3, "seed": 4,
+                "sampler_name": "Euler"}
+        r = httpx.post(srv.url + "/sdapi/v1/txt2img", json=body, timeout=120).json()
+        bad = httpx.post(srv.url + "/sdapi/v1/txt2img", json={**body, "prompt": "x <lora:nope:1>"}, timeout=60)
+        assert bad.status_code in (400, 422) and "nope" in bad.text
+        again = httpx.post(srv.url + "/sdapi/v1/txt2img", json=body, timeout=120)
+        assert again.status_code == 200, "a failed job leaves the server serving"
+    api = sfumato.load(folders["sd1"])
+    api.load_lora(loras / "ink.safetensors", 0.6)
+    want = api.generate("a red circle", width=SIZE, height=SIZE, steps=3, seed=4, sampler="euler", eta=1.0)
+    import base64
+    import io
+
+    got = Image.open(io.BytesIO(base64.b64decode(r["images"][0]))).convert("RGB")
+    assert np.array_equal(np.asarray(got), np.asarray(want.images[0]))
+    assert "Lora hashes" in json.loads(r["info"])["infotexts"][0]

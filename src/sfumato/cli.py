@@ -345,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="HTTP server: AUTOMATIC1111's API, a job API and a job history")
     sv.add_argument("--model", "-m", metavar="PATH", help="default checkpoint (default: the built-in model)")
     sv.add_argument("--models-dir", metavar="DIR", help="offer every checkpoint in DIR as well")
+    sv.add_argument("--lora-dir", metavar="DIR", help="LoRA files for <lora:name:w> prompt tags")
     sv.add_argument("--data-dir", metavar="DIR", default="sfumato-data", help="job database and output images "
                     "(default: ./sfumato-data)")
     sv.add_argument("--db", metavar="FILE", help="SQLite job database (default: DATA_DIR/jobs.sqlite3)")
@@ -617,7 +618,8 @@ def _serve(args: argparse.Namespace) -> int:
     config = ServerConfig(
         host="0.0.0.0" if args.listen else "127.0.0.1", port=args.port,
         model=Path(args.model) if args.model else _builtin_or_none(), data_dir=data,
-        models_dir=Path(args.models_dir) if args.models_dir else None, db_path=Path(args.db) if args.db else None,
+        models_dir=Path(args.models_dir) if args.models_dir else None,
+        lora_dir=Path(args.lora_dir) if args.lora_dir else None, db_path=Path(args.db) if args.db else None,
         api_keys=tuple(keys), api_auth=tuple(pairs),
         cors_origins=tuple(o.strip() for o in (args.cors_allow_origins or "").split(",") if o.strip()),
         devices=tuple(_device(d) for d in (args.device or ["auto"])), dtype=args.dtype,

@@ -48,6 +48,7 @@ class ServerConfig:
     port: int = 7860
     model: Path | None = None  # None: the built-in model (when installed)
     models_dir: Path | None = None
+    lora_dir: Path | None = None  # LoRA files offered to <lora:name:w> prompt tags and /sdapi/v1/loras
     data_dir: Path = Path("sfumato-data")
     db_path: Path | None = None  # None: <data_dir>/jobs.sqlite3
     api_keys: tuple[str, ...] = ()
@@ -187,7 +188,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         return task
 
     scheduler = Scheduler(store, registry, outputs, devices=list(config.devices), dtype=config.dtype,
-                          model_budget=config.model_memory, parse=parse)
+                          model_budget=config.model_memory, parse=parse, lora_dir=config.lora_dir)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -334,7 +335,13 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.get("/sdapi/v1/loras")
     async def loras() -> list:
-        return []
+        from sfumato.adapters.lora import LORA_EXTENSIONS
+
+        root = config.lora_dir
+        if root is None or not root.is_dir():
+            return []
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in LORA_EXTENSIONS)
+        return [{"name": p.stem, "alias": p.stem, "path": str(p), "metadata": {}} for p in files]
 
     @app.get("/sdapi/v1/embeddings")
     async def embeddings() -> dict[str, Any]:

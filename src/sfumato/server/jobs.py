@@ -174,13 +174,14 @@ class Scheduler:
     """A FIFO of jobs and one worker thread per device, each with its own :class:`ModelCache`."""
 
     def __init__(self, store: JobStore, registry: Registry, outputs: Path, *, devices: list[str],
-                 dtype: str | None, model_budget: int, parse: Callable[[str, dict], Task]) -> None:
+                 dtype: str | None, model_budget: int, parse: Callable[[str, dict], Task],
+                 lora_dir: Path | None = None) -> None:
         self.store, self.registry, self.outputs = store, registry, outputs
         self._parse = parse
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self.active: dict[str, Job] = {}  # queued and running jobs
-        self.caches = [ModelCache(d, dtype, model_budget) for d in devices]
+        self.caches = [ModelCache(d, dtype, model_budget, lora_dir) for d in devices]
         self._threads = [threading.Thread(target=self._work, args=(c,), name=f"sfumato-worker-{c.device}",
                                           daemon=True) for c in self.caches]
         self._stopping = False

@@ -131,8 +131,8 @@ def pipeline_bytes(pipe) -> int:
 class ModelCache:
     """Loaded pipelines of one device, least recently used first, within ``budget`` bytes."""
 
-    def __init__(self, device: str, dtype: str | None, budget: int) -> None:
-        self.device, self.dtype, self.budget = device, dtype, budget
+    def __init__(self, device: str, dtype: str | None, budget: int, lora_dir: Path | None = None) -> None:
+        self.device, self.dtype, self.budget, self.lora_dir = device, dtype, budget, lora_dir
         self._models: OrderedDict[tuple[str, ...], tuple[object, int]] = OrderedDict()
 
     def get(self, ckpt: Checkpoint, *, share_with: Checkpoint | None = None):
@@ -148,6 +148,7 @@ class ModelCache:
         share = self.get(share_with) if share_with is not None else None
         log.info("loading %s on %s", ckpt.path, self.device)
         pipe = sfumato.load(ckpt.path, device=self.device, dtype=self.dtype, share=share)
+        pipe.lora_dir = self.lora_dir  # <lora:name:w> prompt tags
         self._models[key] = (pipe, pipeline_bytes(pipe))
         self._evict(keep={key, (str(share_with.path),) if share_with is not None else key})
         return pipe
