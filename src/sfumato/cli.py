@@ -259,6 +259,9 @@ def _generation_options(p: argparse.ArgumentParser) -> None:
                         help="apply a LoRA file with weight W (default 1; TE_W: a separate text-encoder weight); "
                         "repeatable")
     addons.add_argument("--lora-dir", metavar="DIR", help="folder where <lora:name:w> prompt tags are looked up")
+    addons.add_argument("--embedding", action="append", default=[], metavar="PATH",
+                        help="textual-inversion embedding, used in prompts by its file name; repeatable")
+    addons.add_argument("--embeddings-dir", metavar="DIR", help="load every embedding in DIR that fits the model")
     fast = p.add_argument_group("fast paths (off by default; not the exact image)")
     fast.add_argument("--deepcache", type=int, metavar="N", help="DeepCache: the whole UNet every N-th step, its "
                       "shallow blocks only in between (default: 1, off)")
@@ -511,8 +514,12 @@ def _generate(args: argparse.Namespace) -> int:
     image = load_image(args.image) if args.command != "generate" else None
     mask = load_mask(args.mask) if args.command == "inpaint" else None
     loras = [_lora_arg(a) for a in args.lora]
-    if args.lora_dir is not None and not Path(args.lora_dir).is_dir():
-        raise InvalidParameterError(f"--lora-dir {args.lora_dir}: not a folder")
+    for flag, folder in (("--lora-dir", args.lora_dir), ("--embeddings-dir", args.embeddings_dir)):
+        if folder is not None and not Path(folder).is_dir():
+            raise InvalidParameterError(f"{flag} {folder}: not a folder")
+    for path in args.embedding:
+        if not Path(path).is_file():
+            raise InvalidParameterError(f"--embedding {path}: no such file")
     memory = MemoryOptions(vae_tiling=args.vae_tiling or args.vae_tile is not None, vae_tile=args.vae_tile,
                            vae_slicing=args.vae_slicing, attention_slice=args.attention_slice)
 
@@ -523,6 +530,14 @@ def _generate(args: argparse.Namespace) -> int:
     _status(args, f"loaded {pipe.spec.family} in {time.monotonic() - t0:.1f}s")
     pipe.memory = memory
     pipe.lora_dir = Path(args.lora_dir) if args.lora_dir else None
+    for path in args.embedding:
+        emb = pipe.load_embedding(path)
+        _status(args, f"embedding {emb.token}: {emb.vectors[0].shape[0]} vector(s)")
+    if args.embeddings_dir:
+        from sfumato.adapters.embeddings import load_embedding_dir
+
+        got, skipped = load_embedding_dir(pipe, args.embeddings_dir)
+        _status(args, f"embeddings: {len(got)} loaded, {len(skipped)} skipped")
     for path, weight in loras:
         handle = pipe.load_lora(path, weight)
         _status(args, f"LoRA {handle.name}: {len(handle.lora.patches)} modules, weight {weight[0]:g}/{weight[1]:g}")

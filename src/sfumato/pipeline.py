@@ -164,6 +164,19 @@ class Pipeline:
 
         unload_loras(self)
 
+    def load_embedding(self, path: str | os.PathLike, token: str | None = None):
+        """Load a textual-inversion embedding (AUTOMATIC1111 ``.pt``/``.safetensors``, diffusers
+        ``learned_embeds``, SDXL ``clip_l``/``clip_g``); ``token`` (default: the file name) then stands for
+        its vectors in prompts. See :mod:`sfumato.adapters.embeddings`."""
+        from sfumato.adapters.embeddings import load_embedding
+
+        return load_embedding(self, path, token)
+
+    def unload_embeddings(self) -> None:
+        from sfumato.adapters.embeddings import unload_embeddings
+
+        unload_embeddings(self)
+
     @property
     def loras(self) -> list:
         """The loaded LoRA handles, in load order."""
@@ -676,13 +689,21 @@ def _lora_fields(pipe: Pipeline) -> dict[str, Any]:
     return {"Lora hashes": ", ".join(named)} if named else {}
 
 
+def _ti_fields(pipe: Pipeline, p: GenerationParams) -> dict[str, Any]:
+    """AUTOMATIC1111's ``TI hashes``: name: short hash of each embedding the prompts use."""
+    from sfumato.adapters.embeddings import used_embeddings
+
+    used = used_embeddings(pipe, [p.prompt, p.negative_prompt, p.prompt_2 or "", p.negative_prompt_2 or ""])
+    return {"TI hashes": ", ".join(f"{e.token}: {e.hash}" for e in used)} if used else {}
+
+
 def _result(pipe: Pipeline, p: GenerationParams, images: list[Image.Image], seed: int, *,
             inpaint: bool, extra: dict[str, Any] | None = None) -> GenerationResult:
     """Every image of a batch comes from the one seed's noise stream: image i is reproduced by the same
     seed and batch size (its infotext says "Batch size" and "Batch pos", as AUTOMATIC1111 writes them)."""
     from sfumato.metadata import infotext
 
-    extra = {**_lora_fields(pipe), **(extra or {})}
+    extra = {**_lora_fields(pipe), **_ti_fields(pipe, p), **(extra or {})}
     n = len(images)
     texts = [infotext(p, seed=seed, model_name=pipe.model_name, model_hash=pipe.model_hash(), inpaint=inpaint,
                       extra={**(extra or {}), **({"Batch size": n, "Batch pos": i} if n > 1 else {})})

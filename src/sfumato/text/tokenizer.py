@@ -164,7 +164,7 @@ class CLIPTokenizer:
         self._ranks = {m: i for i, m in enumerate(merges)}
         self._cache: dict[str, list[int]] = {}
         self._added: dict[str, int] = {}  # token as given -> id
-        self._added_normalized: dict[str, int] = {}  # normalised token -> id, what prompts are matched against
+        self._added_normalized: dict[str, list[int]] = {}  # normalised token -> its ids, matched in prompts
         self._added_pattern: re.Pattern[str] | None = None
 
     def __len__(self) -> int:
@@ -208,7 +208,7 @@ class CLIPTokenizer:
                 continue
             for chunk, is_added in _split(_normalize(piece), self._added_pattern):
                 if is_added:
-                    ids.append(self._added_normalized[chunk])
+                    ids.extend(self._added_normalized[chunk])
                     continue
                 for word in _pretokenize(chunk):
                     ids.extend(self._bpe(word))
@@ -266,13 +266,36 @@ class CLIPTokenizer:
             raise InvalidParameterError(f"cannot add the token {token!r}: it is empty after normalisation")
         if token in self._encoder or normalized in self._added_normalized:
             raise InvalidParameterError(f"cannot add the token {token!r}: it is already in the vocabulary")
-        new_id = len(self)
-        self._added[token] = new_id
-        self._added_normalized[normalized] = new_id
+        return self.add_tokens(token, 1)[0]
+
+    def add_tokens(self, token: str, count: int) -> list[int]:
+        """Give ``token`` ``count`` new ids, named ``token``, ``token_1`` ... as diffusers names a multi-vector
+        textual inversion's tokens; ``token`` in a prompt stands for all of them, in order."""
+        normalized = _normalize(token)
+        if not normalized.strip():
+            raise InvalidParameterError(f"cannot add the token {token!r}: it is empty after normalisation")
+        names = [token] + [f"{token}_{i}" for i in range(1, count)]
+        if (any(n in self._encoder or n in self._added for n in names) or normalized in self._added_normalized):
+            raise InvalidParameterError(f"cannot add the token {token!r}: it is already in the vocabulary")
+        ids = list(range(len(self), len(self) + count))
+        self._added.update(zip(names, ids))
+        self._added_normalized[normalized] = ids
         # Longest first, so that alternation (leftmost-first in `re`) matches leftmost-longest like the reference.
         alternatives = sorted(self._added_normalized, key=len, reverse=True)
         self._added_pattern = re.compile("|".join(re.escape(t) for t in alternatives))
-        return new_id
+        return ids
+
+    def remove_tokens(self, token: str) -> None:
+        """Forget ``token`` and its ``token_N`` siblings (the last ones added: ids must stay dense)."""
+        ids = self._added_normalized.pop(_normalize(token), None)
+        if ids is None:
+            return
+        if max(ids) != len(self) - 1:
+            self._added_normalized[_normalize(token)] = ids
+            raise InvalidParameterError(f"token {token!r} is not the last added: remove later ones first")
+        self._added = {t: i for t, i in self._added.items() if i not in ids}
+        alternatives = sorted(self._added_normalized, key=len, reverse=True)
+        self._added_pattern = re.compile("|".join(re.escape(t) for t in alternatives)) if alternatives else None
 
 
 @functools.cache

@@ -622,6 +622,9 @@ def _flatten(obj: Any, path: Path) -> tuple[dict[str, _TensorRef], dict[str, str
     inner = obj.get("state_dict")
     sd = inner if isinstance(inner, dict) else obj
     tensors = {k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, _TensorRef)}
+    if not tensors:  # one level down, as "outer.inner" (AUTOMATIC1111 embeddings: string_to_param.*)
+        tensors = {f"{k}.{kk}": vv for k, v in sd.items() if isinstance(k, str) and isinstance(v, dict)
+                   for kk, vv in v.items() if isinstance(kk, str) and isinstance(vv, _TensorRef)}
     if not tensors:
         raise CheckpointError(f"{path}: no tensors found (top-level keys: {', '.join(map(str, list(obj)[:10]))})")
     return tensors, metadata
