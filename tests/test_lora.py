@@ -211,9 +211,9 @@ def test_wrong_family_unknown_keys_and_bad_files_are_refused(folders, tmp_path):
     sd["lora_unet_no_such_block_proj.lora_up.weight"] = torch.zeros(8, 4)
     with pytest.raises(CheckpointError, match="1 LoRA module.*match nothing.*lora_unet_no_such_block_proj"):
         sd1.load_lora(_save(sd, tmp_path / "extra.safetensors"))
-    loha = {"lora_unet_x.hada_w1_a": torch.zeros(2, 2)}
-    with pytest.raises(CheckpointError, match="LyCORIS"):
-        sd1.load_lora(_save(loha, tmp_path / "loha.safetensors"))
+    tucker = {"lora_unet_x.hada_t1": torch.zeros(2, 2, 3, 3)}
+    with pytest.raises(CheckpointError, match="LyCORIS variants sfumato does not apply.*hada_t1"):
+        sd1.load_lora(_save(tucker, tmp_path / "tucker.safetensors"))
     (tmp_path / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(CheckpointError, match="corrupt.safetensors"):
         sd1.load_lora(tmp_path / "corrupt.safetensors")
@@ -309,3 +309,43 @@ def test_server_lists_loras_and_applies_prompt_tags(folders, tmp_path):
     got = Image.open(io.BytesIO(base64.b64decode(r["images"][0]))).convert("RGB")
     assert np.array_equal(np.asarray(got), np.asarray(want.images[0]))
     assert "Lora hashes" in json.loads(r["info"])["infotexts"][0]
+
+
+def test_lycoris_loha_lokr_and_full_diff_apply_their_formulas(folders, tmp_path):
+    """LyCORIS files (kohya naming): LoHa on a 3x3 conv and a linear, LoKr with a whole w1 and a
+    decomposed w2, a full diff with a bias diff. Each weight must become W + w * scale * formula, the
+    formula written out here from the LyCORIS definitions (scale alpha / rank; 1 for full)."""
+    ours = sfumato.load(folders["sd1"])
+    unet = ours.unet
+    g = torch.Generator().manual_seed(0)
+    conv = "input_blocks.1.0.in_layers.2"  # a 3x3 conv (diffusers: down_blocks.0.resnets.0.conv1)
+    lin = "input_blocks.1.1.transformer_blocks.0.attn1.to_q"
+    ff = "input_blocks.1.1.transformer_blocks.0.ff.net.2"
+    wc, wl, wf = (unet.get_submodule(n).weight.detach().clone() for n in (conv, lin, ff))
+    bf = unet.get_submodule(ff).bias.detach().clone()
+    r = 2
+    cout, cin = wc.shape[:2]
+    loha = {k: torch.randn(*s, generator=g) for k, s in {
+        "hada_w1_a": (cout, r), "hada_w1_b": (r, cin * 9), "hada_w2_a": (cout, r), "hada_w2_b": (r, cin * 9)}.items()}
+    out, inn = wl.shape
+    w1 = torch.randn(2, 2, generator=g)
+    w2a, w2b = torch.randn(out // 2, r, generator=g), torch.randn(r, inn // 2, generator=g)
+    diff, diff_b = torch.randn(*wf.shape, generator=g), torch.randn(*bf.shape, generator=g)
+    sd = {f"lora_unet_down_blocks_0_resnets_0_conv1.{k}": v for k, v in loha.items()}
+    sd["lora_unet_down_blocks_0_resnets_0_conv1.alpha"] = torch.tensor(1.0)
+    qname = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    sd.update({f"{qname}.lokr_w1": w1, f"{qname}.lokr_w2_a": w2a, f"{qname}.lokr_w2_b": w2b,
+               f"{qname}.alpha": torch.tensor(4.0)})
+    fname = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_ff_net_2"
+    sd.update({f"{fname}.diff": diff, f"{fname}.diff_b": diff_b})
+    handle = ours.load_lora(_save(sd, tmp_path / "lyco.safetensors"), weight=0.5)
+    assert sorted(p.kind for p in handle.lora.patches) == ["full", "full", "loha", "lokr"]
+    want_c = wc + 0.5 * (1.0 / r) * ((loha["hada_w1_a"] @ loha["hada_w1_b"]) *
+                                     (loha["hada_w2_a"] @ loha["hada_w2_b"])).reshape(wc.shape)
+    want_l = wl + 0.5 * (4.0 / r) * torch.kron(w1, w2a @ w2b)
+    for name, want in ((conv, want_c), (lin, want_l), (ff, wf + 0.5 * diff)):
+        got = unet.get_submodule(name).weight
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), f"{name}: max|diff| {(got - want).abs().max():.2e}"
+    assert torch.allclose(unet.get_submodule(ff).bias, bf + 0.5 * diff_b, atol=1e-6)
+    ours.unload_loras()
+    assert torch.equal(unet.get_submodule(conv).weight, wc) and torch.equal(unet.get_submodule(ff).bias, bf)

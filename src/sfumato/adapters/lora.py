@@ -1,4 +1,4 @@
-"""LoRA add-ons as published: kohya / AUTOMATIC1111 files and diffusers / PEFT files.
+"""LoRA add-ons as published: kohya / AUTOMATIC1111 files, diffusers / PEFT files, LyCORIS LoHa / LoKr / full diff.
 
 A LoRA adds ``weight * alpha / rank * up @ down`` to a Linear or Conv2d weight (Hu et al. 2021; conv
 LoRA, kohya's "LoCon", has a k x k ``down`` conv and a 1x1 ``up``). Formats, by key:
@@ -41,35 +41,66 @@ __all__ = ["LoraFile", "LoraHandle", "read_lora", "load_lora", "unload_loras", "
            "find_lora", "addnet_hash", "LORA_EXTENSIONS"]
 
 LORA_EXTENSIONS = (".safetensors", ".pt", ".ckpt", ".bin")
-_KOHYA = re.compile(r"(lora_unet|lora_te[12]?)_(.+)\.(lora_down\.weight|lora_up\.weight|alpha)")
+_KOHYA = re.compile(r"(lora_unet|lora_te[12]?)_(.+?)\.(lora_down\.weight|lora_up\.weight|alpha|hada_w[12]_[ab]|"
+                    r"lokr_w[12](?:_[ab])?|diff|diff_b|hada_t[12]|lokr_t2|lora_mid\.weight|dora_scale)")
 _PEFT = re.compile(r"(unet|text_encoder|text_encoder_2)\.(?:base_model\.model\.)?(.+)\.(lora_A\.weight|lora_B\.weight|"
                    r"lora\.down\.weight|lora\.up\.weight|alpha)")
 _PART = {"lora_down.weight": "down", "lora_A.weight": "down", "lora.down.weight": "down",
-         "lora_up.weight": "up", "lora_B.weight": "up", "lora.up.weight": "up", "alpha": "alpha"}
+         "lora_up.weight": "up", "lora_B.weight": "up", "lora.up.weight": "up"}
+_UNSUPPORTED = {"hada_t1", "hada_t2", "lokr_t2", "lora_mid.weight", "dora_scale"}
 # cross-attention width -> the family a UNet LoRA was made for, for the refusal message
 _CONTEXT_FAMILY = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL", 1280: "the SDXL refiner"}
 
 
 @dataclass(frozen=True)
 class LoraPatch:
-    """One module's low-rank pair: ``module`` is a path below ``Pipeline`` ("unet.input_blocks.1.1...",
-    "text_encoders.0.text_model...."), ``part`` is "unet" or "te" (which weight of a pair scales it)."""
+    """One module's update: ``module`` is a path below ``Pipeline`` ("unet.input_blocks.1.1...",
+    "text_encoders.0.text_model...."), ``attr`` "weight" or "bias", ``part`` "unet" or "te" (which weight
+    of a pair scales it), ``kind`` the formula over ``factors`` (:meth:`delta`)."""
 
     module: str
     part: str
-    down: Tensor  # (rank, in) or (rank, in, kh, kw)
-    up: Tensor  # (out, rank) or (out, rank, 1, 1)
+    kind: str  # "lora", "loha", "lokr" or "full"
+    factors: dict[str, Tensor]
     alpha: float | None
+    attr: str = "weight"
 
     @property
-    def rank(self) -> int:
-        return self.down.shape[0]
+    def rank(self) -> int | None:
+        f = self.factors
+        if self.kind == "lora":
+            return f["down"].shape[0]
+        if self.kind == "loha":
+            return f["hada_w1_b"].shape[0]
+        if self.kind == "lokr":
+            for k in ("lokr_w1_b", "lokr_w2_b"):
+                if k in f:
+                    return f[k].shape[0]
+        return None
 
     def delta(self, shape: torch.Size) -> Tensor:
-        """``alpha / rank * up @ down`` in fp32, shaped like the weight (``shape``)."""
-        up, down = self.up.float().flatten(1), self.down.float().flatten(1)  # (out, r), (r, in*kh*kw)
-        scale = (self.alpha if self.alpha is not None else self.rank) / self.rank
-        return (up @ down).reshape(shape) * scale
+        """The update in fp32, shaped like the weight (``shape``), before the user's weight:
+        LoRA ``up @ down``, LoHa ``(w1a @ w1b) * (w2a @ w2b)`` (Hadamard), LoKr ``kron(w1, w2)`` (each factor
+        whole or as ``_a @ _b``), each times ``alpha / rank`` (1 without an alpha or a rank, as
+        AUTOMATIC1111 and LyCORIS scale them); full ``diff`` as it is."""
+        f = {k: v.float() for k, v in self.factors.items()}
+        if self.kind == "full":
+            return f["diff"].reshape(shape)
+        if self.kind == "lora":
+            d = f["up"].flatten(1) @ f["down"].flatten(1)  # (out, r) @ (r, in*kh*kw)
+        elif self.kind == "loha":
+            d = (f["hada_w1_a"] @ f["hada_w1_b"].flatten(1)) * (f["hada_w2_a"] @ f["hada_w2_b"].flatten(1))
+        else:
+            w1 = f["lokr_w1"] if "lokr_w1" in f else f["lokr_w1_a"] @ f["lokr_w1_b"]
+            w2 = f["lokr_w2"] if "lokr_w2" in f else f["lokr_w2_a"] @ f["lokr_w2_b"].flatten(1)
+            if len(shape) == 4 and w2.ndim == 2 and w2.shape[1] != shape[1] // w1.shape[1]:
+                w2 = w2.reshape(w2.shape[0], -1, *shape[2:])
+            if w2.ndim == 4:
+                w1 = w1[:, :, None, None]
+            d = torch.kron(w1, w2)
+        rank = self.rank if self.kind != "lora" else f["down"].shape[0]
+        scale = self.alpha / rank if (self.alpha is not None and rank) else 1.0
+        return d.reshape(shape) * scale
 
 
 @dataclass
@@ -101,7 +132,7 @@ class LoraState:
     """Per pipeline: the loaded handles, and the original tensor of every weight any of them touched."""
 
     handles: list[LoraHandle] = field(default_factory=list)
-    originals: dict[str, Tensor] = field(default_factory=dict)
+    originals: dict[tuple[str, str], Tensor] = field(default_factory=dict)  # (module path, attr) -> tensor
 
 
 # --- reading --------------------------------------------------------------------------------------------
@@ -160,24 +191,27 @@ def _module_names(pipe: Pipeline) -> dict[str, str]:
 
 
 def _group(tensors: Mapping[str, Tensor], source: str) -> dict[str, dict[str, Tensor]]:
-    """{file module name: {"down", "up", "alpha"}}; keys of no known LoRA format are an error."""
+    """{file module name: {part: tensor}} (parts "down", "up", "alpha", "hada_w1_a", "lokr_w1", "diff"...);
+    keys of no known format are an error, and so are the LyCORIS variants sfumato does not apply."""
     groups: dict[str, dict[str, Tensor]] = {}
-    unknown = []
+    unknown, unsupported = [], []
     for key, t in tensors.items():
         m = _KOHYA.fullmatch(key)
         if m is not None:
-            groups.setdefault(f"{m.group(1)}_{m.group(2)}", {})[_PART[m.group(3)]] = t
+            if m.group(3) in _UNSUPPORTED:
+                unsupported.append(key)
+            groups.setdefault(f"{m.group(1)}_{m.group(2)}", {})[_PART.get(m.group(3), m.group(3))] = t
             continue
         m = _PEFT.fullmatch(key)
         if m is not None:
-            groups.setdefault(f"{m.group(1)}.{m.group(2)}", {})[_PART[m.group(3)]] = t
+            groups.setdefault(f"{m.group(1)}.{m.group(2)}", {})[_PART.get(m.group(3), m.group(3))] = t
             continue
         unknown.append(key)
+    if unsupported:
+        raise CheckpointError(f"{source}: {len(unsupported)} key(s) of LyCORIS variants sfumato does not apply "
+                              f"(Tucker-decomposed LoHa/LoKr/LoCon, DoRA): {', '.join(sorted(unsupported)[:8])}")
     if unknown:
-        lycoris = [k for k in unknown if re.search(r"\.(hada_|lokr_|diff|dora_scale|lora_mid)", k)]
-        what = (" (LyCORIS LoHa / LoKr / full-diff / DoRA / Tucker keys, which sfumato does not apply yet)"
-                if lycoris else "")
-        raise CheckpointError(f"{source}: {len(unknown)} key(s) of no LoRA format sfumato reads{what}: "
+        raise CheckpointError(f"{source}: {len(unknown)} key(s) of no LoRA format sfumato reads: "
                               f"{', '.join(sorted(unknown)[:8])}{' ...' if len(unknown) > 8 else ''}")
     if not groups:
         raise CheckpointError(f"{source}: no LoRA weights in the file")
@@ -217,19 +251,30 @@ def read_lora(pipe: Pipeline, source: str | os.PathLike | Mapping[str, Tensor], 
         if target is None:
             unmatched.append(fname)
             continue
-        if "down" not in parts or "up" not in parts:
-            problems.append(f"{fname}: needs both down and up weights")
+        part = "unet" if target.startswith("unet.") else "te"
+        alpha = float(parts.pop("alpha")) if "alpha" in parts else None
+        kind = _kind(parts)
+        if kind is None:
+            problems.append(f"{fname}: an incomplete or mixed set of weights ({', '.join(sorted(parts))})")
             continue
-        down, up = parts["down"], parts["up"]
-        weight = modules[target].weight
-        alpha = float(parts["alpha"]) if "alpha" in parts else None
-        if (up.shape[1] != down.shape[0] or up.shape[0] != weight.shape[0]
-                or down.flatten(1).shape[1] != weight[0].numel() or (down.ndim == 4 and weight.ndim == 4
-                                                                     and down.shape[2:] != weight.shape[2:])):
-            problems.append(f"{fname}: up {tuple(up.shape)} x down {tuple(down.shape)} does not fit the "
-                            f"weight {tuple(weight.shape)}")
+        module = modules[target]
+        bias = parts.pop("diff_b", None)
+        patch = LoraPatch(target, part, kind, parts, alpha)
+        try:
+            fits = tuple(patch.delta(module.weight.shape).shape) == tuple(module.weight.shape)
+        except RuntimeError:
+            fits = False
+        if not fits or (kind == "lora" and parts["down"].ndim == 4 and module.weight.ndim == 4
+                        and parts["down"].shape[2:] != module.weight.shape[2:]):
+            shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in sorted(parts.items()))
+            problems.append(f"{fname}: {shapes} does not fit the weight {tuple(module.weight.shape)}")
             continue
-        patches.append(LoraPatch(target, "unet" if target.startswith("unet.") else "te", down, up, alpha))
+        patches.append(patch)
+        if bias is not None:
+            if getattr(module, "bias", None) is None or bias.shape != module.bias.shape:
+                problems.append(f"{fname}: diff_b {tuple(bias.shape)} does not fit the module's bias")
+                continue
+            patches.append(LoraPatch(target, part, "full", {"diff": bias}, None, attr="bias"))
     if unmatched:
         raise CheckpointError(f"{where}: {len(unmatched)} LoRA module(s) match nothing in this "
                               f"{pipe.spec.family} model: {', '.join(unmatched[:8])}"
@@ -238,6 +283,22 @@ def read_lora(pipe: Pipeline, source: str | os.PathLike | Mapping[str, Tensor], 
         raise CheckpointError(f"{where}: this LoRA does not fit the {pipe.spec.family} model: "
                               + "; ".join(problems[:8]) + (" ..." if len(problems) > 8 else ""))
     return LoraFile(label, path, patches, addnet_hash(path) if path is not None else None)
+
+
+_KINDS = {"lora": {"down", "up"}, "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}, "full": {"diff"}}
+
+
+def _kind(parts: Mapping[str, Tensor]) -> str | None:
+    keys = set(parts) - {"diff_b"}
+    for kind, need in _KINDS.items():
+        if keys == need:
+            return kind
+    w1 = keys & {"lokr_w1", "lokr_w1_a", "lokr_w1_b"}
+    w2 = keys & {"lokr_w2", "lokr_w2_a", "lokr_w2_b"}
+    if keys == w1 | w2 and w1 in ({"lokr_w1"}, {"lokr_w1_a", "lokr_w1_b"}) and \
+            w2 in ({"lokr_w2"}, {"lokr_w2_a", "lokr_w2_b"}):
+        return "lokr"
+    return None
 
 
 def pipe_modules(pipe: Pipeline) -> Iterable[tuple[str, nn.Module]]:
@@ -256,29 +317,30 @@ def _state(pipe: Pipeline) -> LoraState:
     return state
 
 
-def _rebuild(pipe: Pipeline, paths: Iterable[str]) -> None:
-    """Set each weight in ``paths`` to its original + the deltas of every loaded handle (in load order)."""
+def _rebuild(pipe: Pipeline, targets: Iterable[tuple[str, str]]) -> None:
+    """Set each (module, attr) in ``targets`` to its original + the deltas of every loaded handle (in load
+    order, summed in fp32); a target no handle touches any more gets its original tensor back."""
     state = _state(pipe)
     modules = dict(pipe_modules(pipe))
-    for path in set(paths):
+    for path, attr in set(targets):
         module = modules[path]
-        original = state.originals[path]
+        original = state.originals[(path, attr)]
         total, touched = None, False
         for h in state.handles:
             for p in h.lora.patches:
-                if p.module == path:
+                if p.module == path and p.attr == attr:
                     touched = True
                     w = h.unet_weight if p.part == "unet" else h.te_weight
                     if w != 0.0:
                         d = p.delta(original.shape) * w
                         total = d if total is None else total + d
         if total is None:
-            module.weight = nn.Parameter(original, requires_grad=False)
+            setattr(module, attr, nn.Parameter(original, requires_grad=False))
             if not touched:
-                del state.originals[path]
+                del state.originals[(path, attr)]
         else:
             new = (original.float() + total.to(original.device)).to(original.dtype)
-            module.weight = nn.Parameter(new, requires_grad=False)
+            setattr(module, attr, nn.Parameter(new, requires_grad=False))
 
 
 def load_lora(pipe: Pipeline, source: str | os.PathLike | Mapping[str, Tensor] | LoraFile,
@@ -290,10 +352,10 @@ def load_lora(pipe: Pipeline, source: str | os.PathLike | Mapping[str, Tensor] |
     state = _state(pipe)
     modules = dict(pipe_modules(pipe))
     for p in lora.patches:
-        state.originals.setdefault(p.module, modules[p.module].weight.data)
+        state.originals.setdefault((p.module, p.attr), getattr(modules[p.module], p.attr).data)
     handle = LoraHandle(lora, unet_w, te_w, from_prompt)
     state.handles.append(handle)
-    _rebuild(pipe, (p.module for p in lora.patches))
+    _rebuild(pipe, ((p.module, p.attr) for p in lora.patches))
     return handle
 
 
@@ -306,7 +368,7 @@ def unload_loras(pipe: Pipeline, handles: Iterable[LoraHandle] | None = None) ->
         if h not in state.handles:
             raise InvalidParameterError(f"LoRA {h.name!r} is not loaded on this pipeline")
     state.handles = [h for h in state.handles if h not in gone]
-    _rebuild(pipe, (p.module for h in gone for p in h.lora.patches))
+    _rebuild(pipe, ((p.module, p.attr) for h in gone for p in h.lora.patches))
 
 
 def _weights(weight: float | tuple[float, float]) -> tuple[float, float]:
