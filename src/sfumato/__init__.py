@@ -12,7 +12,7 @@ from sfumato.errors import CheckpointError, SfumatoError, UnknownModelError, Uns
 __version__ = "0.1.0"
 
 __all__ = ["load", "PRESETS", "ModelSpec", "SfumatoError", "CheckpointError", "UnknownModelError",
-           "UnsafePickleError", "MemoryOptions", "__version__"]
+           "UnsafePickleError", "MemoryOptions", "ControlUnit", "__version__"]
 
 
 def __getattr__(name: str):  # noqa: ANN202 - lazy: importing sfumato stays light
@@ -20,6 +20,10 @@ def __getattr__(name: str):  # noqa: ANN202 - lazy: importing sfumato stays ligh
         from sfumato.pipeline import MemoryOptions
 
         return MemoryOptions
+    if name == "ControlUnit":
+        from sfumato.adapters.controlnet import ControlUnit
+
+        return ControlUnit
     raise AttributeError(f"module 'sfumato' has no attribute {name!r}")
 
 

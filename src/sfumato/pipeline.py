@@ -172,6 +172,13 @@ class Pipeline:
 
         return load_embedding(self, path, token)
 
+    def load_controlnet(self, path: str | os.PathLike):
+        """A ControlNet (original single file or diffusers folder) for this model, on its device and dtype;
+        use it in ``generate(..., controlnet=[ControlUnit(model, image, weight)])``."""
+        from sfumato.adapters.controlnet import load_controlnet
+
+        return load_controlnet(path, self.spec.unet, dtype=self.dtype, family=self.spec.family).to(self.device)
+
     def unload_embeddings(self) -> None:
         from sfumato.adapters.embeddings import unload_embeddings
 
@@ -194,8 +201,10 @@ class Pipeline:
         ``refiner``: a second expert (the SDXL refiner) takes over the latents at ``refiner_switch_at``
         of the noise schedule (default 0.8; AUTOMATIC1111's "Refiner switch at", diffusers'
         ``denoising_end`` / ``denoising_start``), without decoding in between."""
+        addons = _take_controls(kw)
         p = self._params(prompt, negative_prompt, width, height, kw)
-        return run_experts(self, p, refiner=refiner, switch=refiner_switch_at, latents=latents, callback=callback)
+        return run_experts(self, p, refiner=refiner, switch=refiner_switch_at, latents=latents, callback=callback,
+                           **addons)
 
     def img2img(self, image: Image.Image, prompt: str = "", negative_prompt: str = "", *,
                 strength: float = 0.75, width: int | None = None, height: int | None = None,
@@ -206,8 +215,10 @@ class Pipeline:
         :meth:`generate`."""
         image = imageops.to_rgb(image)
         width, height = self._size_from(image, width, height)
+        addons = _take_controls(kw)
         p = self._params(prompt, negative_prompt, width, height, {**kw, "strength": strength})
-        return run_experts(self, p, refiner=refiner, switch=refiner_switch_at, image=image, callback=callback)
+        return run_experts(self, p, refiner=refiner, switch=refiner_switch_at, image=image, callback=callback,
+                           **addons)
 
     def inpaint(self, image: Image.Image, mask: Image.Image, prompt: str = "", negative_prompt: str = "", *,
                 strength: float = 1.0, mask_blur: int = 4, fill: str = "original", inpaint_full_res: bool = False,
@@ -224,13 +235,16 @@ class Pipeline:
             raise InvalidParameterError(f"mask size {mask.size[0]}x{mask.size[1]} differs from the image size "
                                         f"{image.size[0]}x{image.size[1]}; they must be equal")
         width, height = self._size_from(image, width, height)
+        addons = _take_controls(kw)
         p = self._params(prompt, negative_prompt, width, height,
                          {**kw, "strength": strength, "mask_blur": mask_blur, "inpaint_fill": fill,
                           "inpaint_full_res": inpaint_full_res, "inpaint_padding": padding})
         experts = {"refiner": refiner, "switch": refiner_switch_at}
         if inpaint_full_res:
+            if addons:
+                raise InvalidParameterError("controlnet with inpaint_full_res is not supported; inpaint the whole image")
             return _inpaint_full_res(self, p, image, mask, callback, experts)
-        return run_experts(self, p, **experts, image=image, mask=mask, callback=callback)
+        return run_experts(self, p, **experts, image=image, mask=mask, callback=callback, **addons)
 
     def outpaint(self, image: Image.Image, prompt: str = "", negative_prompt: str = "", *, left: int = 0,
                  right: int = 0, up: int = 0, down: int = 0, **kw: Any) -> GenerationResult:
@@ -347,7 +361,8 @@ def _size_vector(pipe: Pipeline, cond: Conditioning, p: GenerationParams, batch:
 
 
 def guided_model(pipe: Pipeline, conds: _Conds, p: GenerationParams, state: dict,
-                 concat: torch.Tensor | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+                 concat: torch.Tensor | None, hints: list | None = None,
+                 guess_mode: bool = False) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The UNet under classifier-free guidance, as ``model(x_in, t) -> eps or v``.
 
     Guidance is applied to the network's output, as diffusers does (so ``guidance_rescale`` matches it);
@@ -375,7 +390,8 @@ def guided_model(pipe: Pipeline, conds: _Conds, p: GenerationParams, state: dict
         if concat is not None:
             xs = torch.cat([xs, concat.repeat(n, 1, 1, 1).to(xs.dtype)], dim=1)
         ts = t.reshape(-1).expand(b).repeat(n)
-        out = unet(xs.to(dtype), ts, context=context, y=y, cache=cache).float().chunk(n)
+        control = _control_residuals(hints, state, xs.to(dtype), ts, context, y, n, b, use_uncond, guess_mode)
+        out = unet(xs.to(dtype), ts, context=context, y=y, cache=cache, control=control).float().chunk(n)
         if not use_uncond:
             return out[0]
         uncond, conds_out = out[0], out[1:]
@@ -391,6 +407,59 @@ def guided_model(pipe: Pipeline, conds: _Conds, p: GenerationParams, state: dict
         return guided
 
     return model
+
+
+def _take_controls(kw: dict[str, Any]) -> dict[str, Any]:
+    """Pop ``controlnet`` (a ControlUnit or a list of them) and ``guess_mode`` from generation kwargs."""
+    from sfumato.adapters.controlnet import ControlUnit
+
+    units = kw.pop("controlnet", None)
+    guess = kw.pop("guess_mode", False)
+    if units is None:
+        if guess:
+            raise InvalidParameterError("guess_mode needs a controlnet")
+        return {}
+    units = [units] if isinstance(units, ControlUnit) else list(units)
+    if not units or not all(isinstance(u, ControlUnit) for u in units):
+        raise InvalidParameterError("controlnet must be a ControlUnit or a list of them")
+    if not isinstance(guess, bool):
+        raise InvalidParameterError(f"guess_mode must be True or False, got {guess!r}")
+    return {"controls": units, "guess_mode": guess}
+
+
+def _control_residuals(hints: list | None, state: dict, xs: torch.Tensor, ts: torch.Tensor, context: torch.Tensor,
+                       y: torch.Tensor | None, n: int, b: int, use_uncond: bool,
+                       guess_mode: bool) -> list[torch.Tensor] | None:
+    """The summed residuals of the ControlNets active at this step (diffusers' ``controlnet_keep``: a unit
+    acts on run step i of N when start <= i / N and (i + 1) / N <= end), or None."""
+    if not hints:
+        return None
+    i, steps = state["step"] - state["run_start"], max(state["run_steps"], 1)
+    total = None
+    for unit, hint in hints:
+        if i / steps < unit.start or (i + 1) / steps > unit.end or unit.weight == 0:
+            continue
+        if guess_mode and use_uncond:  # the conditional rows only; zeros for the negative
+            rows = slice(b, None)
+            res = unit.model(xs[rows], hint.expand(xs.shape[0] - b, -1, -1, -1), ts[rows], context[rows],
+                             None if y is None else y[rows])
+            scales = torch.logspace(-1, 0, len(res)).tolist()
+            res = [torch.cat([torch.zeros_like(r[:b]), r * s * unit.weight]) for r, s in zip(res, scales)]
+        else:
+            res = unit.model(xs, hint.expand(xs.shape[0], -1, -1, -1), ts, context, y)
+            scales = torch.logspace(-1, 0, len(res)).tolist() if guess_mode else [1.0] * len(res)
+            res = [r * s * unit.weight for r, s in zip(res, scales)]
+        total = res if total is None else [a + r for a, r in zip(total, res)]
+    return total
+
+
+def _control_fields(controls: list | None, guess_mode: bool) -> dict[str, Any]:
+    """The ControlNet extension's infotext fields: ``ControlNet N: "Model: ..., Weight: ..., ..."``."""
+    out: dict[str, Any] = {}
+    for k, u in enumerate(controls or []):
+        out[f"ControlNet {k}"] = (f"Model: {u.name}, Weight: {u.weight:g}, Guidance Start: {u.start:g}, "
+                                  f"Guidance End: {u.end:g}" + (", Control Mode: Guess" if guess_mode else ""))
+    return out
 
 
 def _seed(p: GenerationParams) -> int:
@@ -503,7 +572,7 @@ class Handoff:
 def run(pipe: Pipeline, p: GenerationParams, *, image: Image.Image | None = None, mask: Image.Image | None = None,
         latents: torch.Tensor | None = None, callback: Callable | None = None,
         generator: torch.Generator | None = None, handoff: torch.Tensor | None = None,
-        output: str = "images") -> GenerationResult | Handoff:
+        output: str = "images", controls: list | None = None, guess_mode: bool = False) -> GenerationResult | Handoff:
     """The spine for every mode: txt2img (no image), img2img (image), inpainting (image + mask).
 
     Ensemble of experts (SDXL base -> refiner): ``p.denoising_end`` stops at that fraction of the noise
@@ -574,8 +643,15 @@ def run(pipe: Pipeline, p: GenerationParams, *, image: Image.Image | None = None
             x = init + noise * sigma0
         x = x.to(pipe.device)
 
-        state = {"step": start}  # prompt schedules count the steps of the whole schedule
-        den = make_denoiser(guided_model(pipe, conds, p, state, concat), discrete, spec.prediction)
+        # prompt schedules count the steps of the whole schedule; ControlNet ranges the steps of this run
+        state = {"step": start, "run_start": start, "run_steps": len(sigmas) - 1}
+        hints = None
+        if controls:
+            from sfumato.adapters.controlnet import control_tensor
+
+            hints = [(u, control_tensor(u.image, p.width, p.height).to(pipe.device, pipe.dtype)) for u in controls]
+        den = make_denoiser(guided_model(pipe, conds, p, state, concat, hints, guess_mode), discrete,
+                            spec.prediction)
         blend_mask = lmask.to(pipe.device) if blend else None
 
         def on_step(s) -> None:
@@ -598,7 +674,7 @@ def run(pipe: Pipeline, p: GenerationParams, *, image: Image.Image | None = None
         if pmask is not None and p.mask_blur > 0:
             images = [Image.composite(im, image.resize(im.size), mask.convert("L").resize(im.size).filter(
                 imageops.ImageFilter.GaussianBlur(p.mask_blur))) for im in images]
-    return _result(pipe, p, images, seed, inpaint=mask is not None)
+    return _result(pipe, p, images, seed, inpaint=mask is not None, extra=_control_fields(controls, guess_mode))
 
 
 def run_experts(pipe: Pipeline, p: GenerationParams, *, refiner: Pipeline | None, switch: float | None,
@@ -635,6 +711,7 @@ def run_experts(pipe: Pipeline, p: GenerationParams, *, refiner: Pipeline | None
     rp = validate(first.params.replace(denoising_start=switch, denoising_end=None),
                   size_multiple=refiner.spec.vae.downscale)
     done = p.steps - len(_expert_sigmas(refiner, rp)) + 1
+    kw = {k: v for k, v in kw.items() if k not in ("controls", "guess_mode")}  # the refiner's UNet is another
     res = run(refiner, rp, handoff=first.latents, generator=first.generator, callback=report(done), **kw)
     refiner_label = refiner.model_name + (f" [{refiner.model_hash()}]" if refiner.model_hash() else "")
     return _result(pipe, first.params, res.images, first.seed, inpaint=kw.get("mask") is not None,

@@ -200,6 +200,67 @@ def _run_block(
     return h
 
 
+def build_embeddings(cfg: UNetConfig) -> tuple[nn.Sequential, nn.Module | None]:
+    """``time_embed`` and ``label_emb`` (an ADM vector's MLP, class-label embedding, or None)."""
+    if cfg.adm_in_channels is not None and cfg.num_classes is not None:
+        raise ValueError("UNetConfig: adm_in_channels and num_classes are exclusive (both feed label_emb)")
+    mc, ted = cfg.model_channels, cfg.time_embed_dim
+    time_embed = nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), nn.Linear(ted, ted))
+    if cfg.adm_in_channels is not None:
+        # LDM's num_classes="sequential": Sequential(Sequential(Linear, SiLU, Linear)) -> label_emb.0.{0,2}
+        label_emb: nn.Module | None = nn.Sequential(
+            nn.Sequential(nn.Linear(cfg.adm_in_channels, ted), nn.SiLU(), nn.Linear(ted, ted))
+        )
+    elif cfg.num_classes is not None:
+        label_emb = nn.Embedding(cfg.num_classes, ted)
+    else:
+        label_emb = None
+    return time_embed, label_emb
+
+
+def build_input_blocks(cfg: UNetConfig) -> tuple[nn.ModuleList, list[int]]:
+    """The down path (``input_blocks``) and the channels of each block's output (the skips)."""
+    mc, ted = cfg.model_channels, cfg.time_embed_dim
+    no_self = cfg.disable_self_attn or (False,) * len(cfg.channel_mult)
+    blocks = nn.ModuleList([nn.ModuleList([nn.Conv2d(cfg.in_channels, mc, 3, padding=1)])])
+    skip_chans = [mc]  # channels of every input block output, popped by the output blocks
+    ch = mc
+    last = len(cfg.channel_mult) - 1
+    for level, mult in enumerate(cfg.channel_mult):
+        for _ in range(cfg.num_res_blocks[level]):
+            layers: list[nn.Module] = [ResBlock(ch, ted, mc * mult)]
+            ch = mc * mult
+            if cfg.transformer_depth[level] > 0:
+                layers.append(SpatialTransformer(ch, cfg.transformer_depth[level], cfg, no_self[level]))
+            blocks.append(nn.ModuleList(layers))
+            skip_chans.append(ch)
+        if level != last:
+            blocks.append(nn.ModuleList([Downsample(ch)]))
+            skip_chans.append(ch)
+    return blocks, skip_chans
+
+
+def build_middle_block(cfg: UNetConfig, ch: int) -> nn.ModuleList | None:
+    if not cfg.mid_block:
+        return None
+    return nn.ModuleList([
+        ResBlock(ch, cfg.time_embed_dim, ch),
+        SpatialTransformer(ch, cfg.transformer_depth_middle, cfg, False),
+        ResBlock(ch, cfg.time_embed_dim, ch),
+    ])
+
+
+def embed(model: nn.Module, cfg: UNetConfig, x: torch.Tensor, timesteps: torch.Tensor,
+          y: torch.Tensor | None) -> torch.Tensor:
+    """The time (+ label) embedding a UNet or ControlNet hands every ResBlock: (B, 4 * model_channels)."""
+    t = timesteps.reshape(-1).expand(x.shape[0])
+    emb = model.time_embed(timestep_embedding(t, cfg.model_channels).to(x.dtype))
+    if model.label_emb is not None:
+        assert y is not None
+        emb = emb + model.label_emb(y if cfg.num_classes is not None else y.to(emb.dtype))
+    return emb
+
+
 class StepCache:
     """DeepCache (Ma, Fang and Wang, CVPR 2024): reuse the UNet's deep features across sampler calls.
 
@@ -233,47 +294,13 @@ class UNetModel(nn.Module):
 
     def __init__(self, cfg: UNetConfig) -> None:
         super().__init__()
-        if cfg.adm_in_channels is not None and cfg.num_classes is not None:
-            raise ValueError("UNetConfig: adm_in_channels and num_classes are exclusive (both feed label_emb)")
         self.cfg = cfg
         mc, ted = cfg.model_channels, cfg.time_embed_dim
         no_self = cfg.disable_self_attn or (False,) * len(cfg.channel_mult)
-
-        self.time_embed = nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), nn.Linear(ted, ted))
-        if cfg.adm_in_channels is not None:
-            # LDM's num_classes="sequential": Sequential(Sequential(Linear, SiLU, Linear)) -> label_emb.0.{0,2}
-            self.label_emb: nn.Module | None = nn.Sequential(
-                nn.Sequential(nn.Linear(cfg.adm_in_channels, ted), nn.SiLU(), nn.Linear(ted, ted))
-            )
-        elif cfg.num_classes is not None:
-            self.label_emb = nn.Embedding(cfg.num_classes, ted)
-        else:
-            self.label_emb = None
-
-        self.input_blocks = nn.ModuleList([nn.ModuleList([nn.Conv2d(cfg.in_channels, mc, 3, padding=1)])])
-        skip_chans = [mc]  # channels of every input block output, popped by the output blocks
-        ch = mc
-        last = len(cfg.channel_mult) - 1
-        for level, mult in enumerate(cfg.channel_mult):
-            for _ in range(cfg.num_res_blocks[level]):
-                layers: list[nn.Module] = [ResBlock(ch, ted, mc * mult)]
-                ch = mc * mult
-                if cfg.transformer_depth[level] > 0:
-                    layers.append(SpatialTransformer(ch, cfg.transformer_depth[level], cfg, no_self[level]))
-                self.input_blocks.append(nn.ModuleList(layers))
-                skip_chans.append(ch)
-            if level != last:
-                self.input_blocks.append(nn.ModuleList([Downsample(ch)]))
-                skip_chans.append(ch)
-
-        if cfg.mid_block:
-            self.middle_block: nn.ModuleList | None = nn.ModuleList([
-                ResBlock(ch, ted, ch),
-                SpatialTransformer(ch, cfg.transformer_depth_middle, cfg, False),
-                ResBlock(ch, ted, ch),
-            ])
-        else:
-            self.middle_block = None
+        self.time_embed, self.label_emb = build_embeddings(cfg)
+        self.input_blocks, skip_chans = build_input_blocks(cfg)
+        ch = skip_chans[-1]
+        self.middle_block = build_middle_block(cfg, ch)
 
         self.output_blocks = nn.ModuleList()
         for level in reversed(range(len(cfg.channel_mult))):
@@ -324,15 +351,16 @@ class UNetModel(nn.Module):
         context: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
         cache: StepCache | None = None,
+        control: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """x (B, in_channels, H, W), timesteps (B,), context (B, L, context_dim), y (B, adm) or (B,) labels
-        -> (B, out_channels, H, W). ``cache``: skip the deep blocks on most calls (:class:`StepCache`)."""
+        -> (B, out_channels, H, W). ``cache``: skip the deep blocks on most calls (:class:`StepCache`).
+        ``control``: ControlNet residuals, one per input block and one for the middle (last), added to
+        the skips and the middle block's output as LDM's ``ControlledUnetModel`` does."""
         self._check_inputs(x, timesteps, context, y)
-        t = timesteps.reshape(-1).expand(x.shape[0])
-        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(x.dtype))  # (B, 4*mc)
-        if self.label_emb is not None:
-            assert y is not None
-            emb = emb + self.label_emb(y if self.cfg.num_classes is not None else y.to(emb.dtype))
+        emb = embed(self, self.cfg, x, timesteps, y)  # (B, 4*mc)
+        if control is not None and len(control) != len(self.input_blocks) + 1:
+            raise ValueError(f"UNet: control needs {len(self.input_blocks) + 1} residuals, got {len(control)}")
 
         shallow = len(self.input_blocks) if cache is None else min(cache.depth + 1, len(self.input_blocks))
         first_kept = len(self.output_blocks) - shallow  # the output blocks a cached call still runs
@@ -342,10 +370,14 @@ class UNetModel(nn.Module):
         for block in self.input_blocks[:shallow] if reuse else self.input_blocks:
             h = _run_block(block, h, emb, context)
             hs.append(h)
+        if control is not None:
+            hs = [a + b for a, b in zip(hs, control)]
         if reuse:
             h = cache.feature
         elif self.middle_block is not None:
             h = _run_block(self.middle_block, h, emb, context)
+            if control is not None:
+                h = h + control[-1]
         for i in range(first_kept if reuse else 0, len(self.output_blocks)):
             if cache is not None and not reuse and i == first_kept:
                 cache.feature = h

@@ -1,0 +1,200 @@
+"""ControlNet add-ons: loading them as published, preparing control images, and the units a generation uses.
+
+Files: an original single file (lllyasviel's ``control_v11p_sd15_canny.pth`` and kin: keys below
+``control_model.``, or without the prefix) or a diffusers ``ControlNetModel`` folder / single file
+(``controlnet_cond_embedding.*``, ``controlnet_down_blocks.*`` ...), renamed through the UNet's key table
+plus the three ControlNet-only names below. An original file takes the architecture of the model it is
+used with (ControlNets copy their base UNet's down path); a folder's ``config.json`` names its own (the
+small SDXL ControlNets are shallower). Loading is strict and a ControlNet made for another family (its
+cross-attention width says which) is refused by name.
+
+A :class:`ControlUnit` is one ControlNet with its control image, weight and the fraction of the steps it
+acts on (``start``..``end``); several units add their residuals. Guess mode (diffusers' ``guess_mode``)
+feeds the ControlNet the conditional half of the guidance batch only, its residuals scaled from 0.1 at
+the first skip to 1 at the middle block.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sfumato.config import UNetConfig
+from sfumato.errors import CheckpointError, InvalidParameterError
+from sfumato.models.controlnet import ControlNetConfig, ControlNetModel
+
+__all__ = ["ControlUnit", "load_controlnet", "canny", "control_tensor"]
+
+_PREFIX = "control_model."
+
+
+@dataclass
+class ControlUnit:
+    """One ControlNet in a generation: ``image`` is the control image (an edge map, depth map, pose...) as
+    the ControlNet expects it; ``weight`` scales its residuals over ``start``..``end`` of the steps."""
+
+    model: ControlNetModel
+    image: Image.Image
+    weight: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    name: str = "controlnet"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, ControlNetModel):
+            raise InvalidParameterError("ControlUnit.model must be a ControlNet from sfumato.load_controlnet")
+        if not isinstance(self.image, Image.Image):
+            raise InvalidParameterError(f"ControlUnit.image must be a PIL image, got {type(self.image).__name__}")
+        for field_, v, lo, hi in (("weight", self.weight, 0.0, 10.0), ("start", self.start, 0.0, 1.0),
+                                  ("end", self.end, 0.0, 1.0)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
+                raise InvalidParameterError(f"ControlUnit.{field_}={v!r} is out of range: allowed [{lo}, {hi}]")
+        if self.start >= self.end:
+            raise InvalidParameterError(f"ControlUnit: start {self.start} must be below end {self.end}")
+
+
+# --- loading ----------------------------------------------------------------------------------------------
+
+def _hint_renames() -> dict[str, str]:
+    """diffusers ControlNet-only module names -> cldm's."""
+    m = {"controlnet_cond_embedding.conv_in": "input_hint_block.0",
+         "controlnet_cond_embedding.conv_out": "input_hint_block.14",
+         "controlnet_mid_block": "middle_block_out.0"}
+    m.update({f"controlnet_cond_embedding.blocks.{j}": f"input_hint_block.{2 + 2 * j}" for j in range(6)})
+    return m
+
+
+def _from_diffusers(sd: dict[str, torch.Tensor], cfg: UNetConfig) -> dict[str, torch.Tensor]:
+    from sfumato.weights.keymap_unet import unet_from_diffusers
+
+    own, rest = {}, {}
+    hints = _hint_renames()
+    for k, v in sd.items():
+        module, _, param = k.rpartition(".")
+        if module in hints:
+            own[f"{hints[module]}.{param}"] = v
+        elif module.startswith("controlnet_down_blocks."):
+            own[f"zero_convs.{module.split('.')[1]}.0.{param}"] = v
+        else:
+            rest[k] = v
+    return {**unet_from_diffusers(rest, cfg), **own}
+
+
+def _config_from_diffusers(d: dict) -> ControlNetConfig:
+    from sfumato.weights.keymap_unet import unet_config_from_diffusers
+
+    down = list(d.get("down_block_types", ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)))
+    up = ["CrossAttnUpBlock2D" if t == "CrossAttnDownBlock2D" else "UpBlock2D" for t in reversed(down)]
+    if tuple(d.get("conditioning_embedding_out_channels", (16, 32, 96, 256))) != (16, 32, 96, 256):
+        raise CheckpointError(f"ControlNet config: conditioning_embedding_out_channels "
+                              f"{d['conditioning_embedding_out_channels']} not supported")
+    if d.get("global_pool_conditions"):
+        raise CheckpointError("ControlNet config: global_pool_conditions (shuffle) is not supported")
+    return ControlNetConfig(unet_config_from_diffusers({**d, "up_block_types": up}),
+                            hint_channels=d.get("conditioning_channels", 3))
+
+
+def _read(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    from sfumato.weights import io
+
+    with io.open_checkpoint(path) as ckpt:
+        return {k: ckpt.get(k, dtype=dtype, share=True) for k in ckpt.keys()}
+
+
+def load_controlnet(path: str | os.PathLike, base: UNetConfig, *, dtype: torch.dtype = torch.float32,
+                    family: str = "this model") -> ControlNetModel:
+    """A ControlNet for a model whose UNet is ``base`` (its ``family`` names it in errors)."""
+    from sfumato.weights.load import _build, _component_files, assign_weights
+
+    path = Path(path)
+    if path.is_dir():
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise CheckpointError(f"{path}: a diffusers ControlNet folder needs config.json")
+        cfg = _config_from_diffusers(json.loads(cfg_file.read_text()))
+        sd: dict[str, torch.Tensor] = {}
+        for f in _component_files(path):
+            sd.update(_read(f, dtype))
+        sd = _from_diffusers(sd, cfg.unet)
+    elif path.is_file():
+        sd = _read(path, dtype)
+        if any(k.startswith("controlnet_cond_embedding.") for k in sd):
+            cfg = ControlNetConfig(replace(base, in_channels=4))
+            sd = _from_diffusers(sd, cfg.unet)
+        else:
+            if any(k.startswith(_PREFIX) for k in sd):
+                sd = {k[len(_PREFIX):]: v for k, v in sd.items() if k.startswith(_PREFIX)}
+            if "input_hint_block.0.weight" not in sd:
+                raise CheckpointError(f"{path}: not a ControlNet (no input_hint_block / controlnet_cond_embedding)")
+            cfg = ControlNetConfig(replace(base, in_channels=sd["input_blocks.0.0.weight"].shape[1]),
+                                   hint_channels=sd["input_hint_block.0.weight"].shape[1])
+    else:
+        raise CheckpointError(f"{path}: no such ControlNet file or folder")
+    k = next((k for k in sd if k.endswith("attn2.to_k.weight")), None)
+    if k is not None and base.context_dim is not None and sd[k].shape[1] != base.context_dim:
+        raise CheckpointError(f"{path}: this ControlNet was made for a model with cross-attention width "
+                              f"{sd[k].shape[1]}; {family} has {base.context_dim}")
+    model = _build(lambda: ControlNetModel(cfg))
+    assign_weights(model, sd, source=str(path), what="ControlNet")
+    return model.eval().requires_grad_(False)
+
+
+# --- control images -------------------------------------------------------------------------------------
+
+def control_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
+    """(1, 3, H, W) in [0, 1], resized to the output size as diffusers' ``prepare_image`` does (bicubic...)."""
+    im = image.convert("RGB")
+    if im.size != (width, height):
+        im = im.resize((width, height), Image.Resampling.LANCZOS)
+    return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+
+
+def canny(image: Image.Image, low: int = 100, high: int = 200) -> Image.Image:
+    """Canny edges (white on black, RGB) as ControlNet's canny models were trained on: 5x5 Gaussian
+    (sigma 1.4), Sobel gradients, non-maximum suppression, hysteresis between ``low`` and ``high`` (on
+    the 0..255 gradient magnitude scale of OpenCV's L1 Sobel, the preprocessor's defaults)."""
+    if not 0 <= low < high:
+        raise InvalidParameterError(f"canny thresholds must satisfy 0 <= low < high, got {low}, {high}")
+    g = np.asarray(image.convert("L"), dtype=np.float64)
+    x = np.arange(-2, 3)
+    k = np.exp(-(x**2) / (2 * 1.4**2))
+    k /= k.sum()
+    pad = np.pad(g, 2, mode="reflect")
+    g = sum(k[i] * pad[i:i + g.shape[0], 2:-2] for i in range(5))
+    pad = np.pad(g, ((0, 0), (2, 2)), mode="reflect")
+    g = sum(k[i] * pad[:, i:i + g.shape[1]] for i in range(5))
+    p = np.pad(g, 1, mode="reflect")
+    gx = (p[:-2, 2:] + 2 * p[1:-1, 2:] + p[2:, 2:]) - (p[:-2, :-2] + 2 * p[1:-1, :-2] + p[2:, :-2])
+    gy = (p[2:, :-2] + 2 * p[2:, 1:-1] + p[2:, 2:]) - (p[:-2, :-2] + 2 * p[:-2, 1:-1] + p[:-2, 2:])
+    mag = np.abs(gx) + np.abs(gy)
+    angle = (np.rad2deg(np.arctan2(gy, gx)) + 180) % 180
+    m = np.pad(mag, 1)
+    h, w = mag.shape
+    neighbours = {0: ((0, 1), (0, -1)), 45: ((-1, 1), (1, -1)), 90: ((1, 0), (-1, 0)), 135: ((-1, -1), (1, 1))}
+    direction = (np.round(angle / 45) % 4 * 45).astype(int)
+    keep = np.zeros_like(mag, dtype=bool)
+    for d, ((dy1, dx1), (dy2, dx2)) in neighbours.items():
+        a = m[1 + dy1:1 + dy1 + h, 1 + dx1:1 + dx1 + w]
+        b = m[1 + dy2:1 + dy2 + h, 1 + dx2:1 + dx2 + w]
+        keep |= (direction == d) & (mag >= a) & (mag >= b)
+    strong = keep & (mag >= high)
+    weak = keep & (mag >= low)
+    edges = strong.copy()
+    while True:  # hysteresis: weak pixels 8-connected to an edge become edges
+        grown = np.zeros_like(edges)
+        e = np.pad(edges, 1)
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                grown |= e[1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
+        new = edges | (grown & weak)
+        if (new == edges).all():
+            break
+        edges = new
+    out = (edges * 255).astype(np.uint8)
+    return Image.fromarray(np.stack([out] * 3, axis=-1))

@@ -1,0 +1,155 @@
+"""ControlNet (issue 8): a tiny random SD 1.x ControlNet, loaded from a diffusers folder and from an original
+single file, against diffusers' ``ControlNetModel`` and ``StableDiffusionControlNetPipeline``: the same
+residuals (relative max|diff| <= 1e-5) and the same images (max|diff| <= 1/255) with one and two
+ControlNets, start/end ranges, guess mode and img2img; canny edges; refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sfumato
+from sfumato.adapters.controlnet import ControlUnit, canny
+from sfumato.errors import CheckpointError, InvalidParameterError
+from sfumato.weights.io import write_safetensors
+from tests import tiny
+
+SIZE = 64  # an 8x VAE: 8x8 latents; the ControlNet's hint encoder downsamples 8x too
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    import diffusers
+
+    root = tmp_path_factory.mktemp("cn")
+    torch.manual_seed(40)
+    base = diffusers.StableDiffusionPipeline(
+        vae=tiny._vae(blocks=(32, 32, 64, 64)), text_encoder=tiny._text(), tokenizer=tiny._tokenizer("<|endoftext|>"),
+        unet=tiny.sd1_unet(), scheduler=tiny._scheduler(), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    base.save_pretrained(root / "sd1", safe_serialization=True)
+    nets = []
+    for seed in (1, 2):
+        cn = diffusers.ControlNetModel.from_unet(base.unet)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in cn.parameters():  # zero convs start at 0: randomise everything so residuals matter
+                p.copy_(torch.randn(p.shape, generator=g) * (0.05 if p.ndim > 1 else 0.02))
+        cn.save_pretrained(root / f"cn{seed}", safe_serialization=True)
+        nets.append(root / f"cn{seed}")
+    # the first one also as an original (cldm) single file, written from our own loaded copy
+    ours = sfumato.load(root / "sd1")
+    m = ours.load_controlnet(nets[0])
+    write_safetensors(root / "cn1-original.safetensors", {f"control_model.{k}": v for k, v in m.state_dict().items()})
+    return {"base": root / "sd1", "nets": nets, "single": root / "cn1-original.safetensors"}
+
+
+def _control_image(seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((SIZE, SIZE, 3)) * 255).astype(np.uint8))
+
+
+def _diff(a, b) -> int:
+    return int(np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max())
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("source", ["folder", "single"])
+def test_residuals_match_diffusers(setup, source):
+    import diffusers
+
+    ours = sfumato.load(setup["base"])
+    cn = ours.load_controlnet(setup["nets"][0] if source == "folder" else setup["single"])
+    ref = diffusers.ControlNetModel.from_pretrained(str(setup["nets"][0])).eval()
+    g = torch.Generator().manual_seed(3)
+    x, hint = torch.randn(2, 4, 8, 8, generator=g), torch.rand(2, 3, SIZE, SIZE, generator=g)
+    t, ctx = torch.tensor([300, 700]), torch.randn(2, 77, 64, generator=g)
+    got = cn(x, hint, t, ctx)
+    down, mid = ref(x, t, encoder_hidden_states=ctx, controlnet_cond=hint, return_dict=False)
+    want = [*down, mid]
+    assert len(got) == len(want)
+    worst = max((a - b).abs().max().item() / b.abs().max().item() for a, b in zip(got, want))
+    assert worst <= 1e-5, f"{source}: relative max|diff| {worst:.2e}"
+
+
+def _reference(setup, nets, kind="txt2img"):
+    import diffusers
+
+    cns = [diffusers.ControlNetModel.from_pretrained(str(p)) for p in nets]
+    cls = (diffusers.StableDiffusionControlNetPipeline if kind == "txt2img"
+           else diffusers.StableDiffusionControlNetImg2ImgPipeline)
+    pipe = cls.from_pretrained(str(setup["base"]), controlnet=cns if len(cns) > 1 else cns[0],
+                               safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("case", ["one", "range", "two", "guess"])
+def test_txt2img_matches_diffusers(setup, case):
+    ours = sfumato.load(setup["base"])
+    n = 2 if case == "two" else 1
+    nets = setup["nets"][:n]
+    images = [_control_image(i) for i in range(n)]
+    weights, starts, ends = [0.8, 0.5][:n], [0.0, 0.2][:n], [1.0, 0.9][:n]
+    if case == "range":
+        starts, ends = [0.25], [0.75]
+    units = [ControlUnit(ours.load_controlnet(p), im, w, s, e, name=p.name)
+             for p, im, w, s, e in zip(nets, images, weights, starts, ends)]
+    kw = dict(width=SIZE, height=SIZE, steps=4, cfg_scale=5.0, sampler="euler", schedule="leading", seed=5)
+    got = ours.generate("a red circle", "blurry", controlnet=units, guess_mode=case == "guess", **kw)
+    plain = ours.generate("a red circle", "blurry", **kw)
+    ref = _reference(setup, nets)
+    one = n == 1
+    want = ref("a red circle", negative_prompt="blurry", image=images[0] if one else images, num_inference_steps=4,
+               guidance_scale=5.0, width=SIZE, height=SIZE, generator=torch.Generator().manual_seed(5),
+               controlnet_conditioning_scale=weights[0] if one else weights,
+               control_guidance_start=starts[0] if one else starts, control_guidance_end=ends[0] if one else ends,
+               guess_mode=case == "guess").images[0]
+    d, moved = _diff(got.images[0], want), _diff(got.images[0], plain.images[0])
+    assert d <= 1 and moved > 2, f"{case}: max|diff| {d}/255 against diffusers, ControlNet moved the image {moved}/255"
+    assert f"ControlNet 0: \"Model: {nets[0].name}, Weight: {weights[0]:g}" in got.infotexts[0]
+
+
+def test_img2img_matches_diffusers(setup):
+    ours = sfumato.load(setup["base"])
+    unit = ControlUnit(ours.load_controlnet(setup["nets"][1]), _control_image(7), 1.0)
+    init = _control_image(8)
+    got = ours.img2img(init, "a house", strength=0.6, steps=5, cfg_scale=4.0, sampler="euler", schedule="leading",
+                       seed=2, controlnet=unit).images[0]
+    ref = _reference(setup, setup["nets"][1:], kind="img2img")
+    want = ref("a house", image=init, control_image=unit.image, strength=0.6, num_inference_steps=5,
+               guidance_scale=4.0, controlnet_conditioning_scale=1.0, generator=torch.Generator().manual_seed(2)).images[0]
+    assert _diff(got, want) <= 1, f"img2img: max|diff| {_diff(got, want)}/255"
+
+
+def test_canny_finds_the_edges_of_a_square():
+    img = Image.new("RGB", (64, 64), (0, 0, 0))
+    img.paste((255, 255, 255), (16, 16, 48, 48))
+    edges = np.asarray(canny(img))[..., 0] > 0
+    assert edges[20:44, 14:19].any(axis=1).all() and edges[20:44, 45:50].any(axis=1).all()  # left and right sides
+    assert not edges[24:40, 24:40].any() and not edges[:8].any(), "no edges inside the square or far outside"
+    assert set(np.unique(np.asarray(canny(img)))) <= {0, 255}
+    with pytest.raises(InvalidParameterError, match="canny thresholds"):
+        canny(img, 200, 100)
+
+
+def test_refusals(setup, tmp_path):
+    ours = sfumato.load(setup["base"])
+    cn = ours.load_controlnet(setup["single"])
+    with pytest.raises(InvalidParameterError, match="weight=11"):
+        ControlUnit(cn, _control_image(0), weight=11)
+    with pytest.raises(InvalidParameterError, match="start 0.5 must be below end 0.5"):
+        ControlUnit(cn, _control_image(0), start=0.5, end=0.5)
+    with pytest.raises(InvalidParameterError, match="guess_mode needs a controlnet"):
+        ours.generate("x", width=SIZE, height=SIZE, steps=1, guess_mode=True)
+    sd = {k: v for k, v in cn.state_dict().items()}
+    k = next(k for k in sd if k.endswith("attn2.to_k.weight"))
+    sd[k] = torch.zeros(sd[k].shape[0], 96)
+    write_safetensors(tmp_path / "wide.safetensors", sd)
+    with pytest.raises(CheckpointError, match="cross-attention width 96; sd1 has 64"):
+        ours.load_controlnet(tmp_path / "wide.safetensors")
+    write_safetensors(tmp_path / "not.safetensors", {"a": torch.zeros(1)})
+    with pytest.raises(CheckpointError, match="not a ControlNet"):
+        ours.load_controlnet(tmp_path / "not.safetensors")
