@@ -153,3 +153,23 @@ def test_refusals(setup, tmp_path):
     write_safetensors(tmp_path / "not.safetensors", {"a": torch.zeros(1)})
     with pytest.raises(CheckpointError, match="not a ControlNet"):
         ours.load_controlnet(tmp_path / "not.safetensors")
+
+
+def test_cli_controlnet(setup, tmp_path, capsys):
+    from sfumato.cli import main
+
+    image = tmp_path / "control.png"
+    _control_image(3).save(image)
+    common = ["--model", str(setup["base"]), "--width", str(SIZE), "--height", str(SIZE), "--steps", "3",
+              "--seed", "4", "-q"]
+    assert main(["generate", "a cat", *common, "--controlnet", str(setup["single"]), str(image),
+                 "--control-weight", "0.7", "--control-range", "0:0.8", "-o", str(tmp_path / "a.png")]) == 0
+    ours = sfumato.load(setup["base"])
+    unit = ControlUnit(ours.load_controlnet(setup["single"]), Image.open(image).convert("RGB"), 0.7, 0.0, 0.8)
+    want = ours.generate("a cat", width=SIZE, height=SIZE, steps=3, seed=4, controlnet=unit).images[0]
+    assert _diff(Image.open(tmp_path / "a.png").convert("RGB"), want) == 0
+    assert main(["generate", "a cat", *common, "--guess-mode", "-o", str(tmp_path / "b.png")]) == 2
+    assert "--guess-mode needs --controlnet" in capsys.readouterr().err
+    assert main(["generate", "a cat", *common, "--controlnet", str(tmp_path / "absent"), str(image),
+                 "-o", str(tmp_path / "c.png")]) == 2
+    assert "no such file or folder" in capsys.readouterr().err

@@ -262,6 +262,15 @@ def _generation_options(p: argparse.ArgumentParser) -> None:
     addons.add_argument("--embedding", action="append", default=[], metavar="PATH",
                         help="textual-inversion embedding, used in prompts by its file name; repeatable")
     addons.add_argument("--embeddings-dir", metavar="DIR", help="load every embedding in DIR that fits the model")
+    addons.add_argument("--controlnet", action="append", default=[], nargs=2, metavar=("MODEL", "IMAGE"),
+                        help="a ControlNet (file or diffusers folder) and its control image; repeatable")
+    addons.add_argument("--control-weight", action="append", type=float, metavar="W",
+                        help="weight of each --controlnet in order (default 1)")
+    addons.add_argument("--control-range", action="append", metavar="START:END",
+                        help="fraction of the steps each --controlnet acts on (default 0:1)")
+    addons.add_argument("--control-canny", action="store_true",
+                        help="turn each control image into Canny edges first (for canny ControlNets)")
+    addons.add_argument("--guess-mode", action="store_true", help="ControlNet guess mode")
     fast = p.add_argument_group("fast paths (off by default; not the exact image)")
     fast.add_argument("--deepcache", type=int, metavar="N", help="DeepCache: the whole UNet every N-th step, its "
                       "shallow blocks only in between (default: 1, off)")
@@ -460,6 +469,31 @@ def _check_params(args: argparse.Namespace, kw: dict[str, Any]) -> None:
                               height=args.height if args.height is not None else 512, **fields))
 
 
+def _control_args(args: argparse.Namespace, load_image) -> list[tuple[str, Any, float, float, float]]:
+    """(model, image, weight, start, end) per --controlnet, checked before the model loads."""
+    from sfumato.errors import InvalidParameterError
+
+    n = len(args.controlnet)
+    weights, ranges = args.control_weight or [], args.control_range or []
+    if len(weights) > n or len(ranges) > n:
+        raise InvalidParameterError(f"{len(weights)} --control-weight and {len(ranges)} --control-range for "
+                                    f"{n} --controlnet")
+    if args.guess_mode and not n:
+        raise InvalidParameterError("--guess-mode needs --controlnet")
+    out = []
+    for i, (model, image) in enumerate(args.controlnet):
+        if not Path(model).exists():
+            raise InvalidParameterError(f"--controlnet {model}: no such file or folder")
+        start, end = 0.0, 1.0
+        if i < len(ranges):
+            try:
+                start, end = (float(v) for v in ranges[i].split(":"))
+            except ValueError:
+                raise InvalidParameterError(f"--control-range {ranges[i]!r}: expected START:END, e.g. 0:0.8") from None
+        out.append((model, load_image(image), weights[i] if i < len(weights) else 1.0, start, end))
+    return out
+
+
 def _lora_arg(text: str) -> tuple[Path, tuple[float, float]]:
     """``PATH``, ``PATH:W`` or ``PATH:W:TE_W`` -> (path, (unet weight, text-encoder weight))."""
     from sfumato.errors import InvalidParameterError
@@ -514,6 +548,7 @@ def _generate(args: argparse.Namespace) -> int:
     image = load_image(args.image) if args.command != "generate" else None
     mask = load_mask(args.mask) if args.command == "inpaint" else None
     loras = [_lora_arg(a) for a in args.lora]
+    controls = _control_args(args, load_image)
     for flag, folder in (("--lora-dir", args.lora_dir), ("--embeddings-dir", args.embeddings_dir)):
         if folder is not None and not Path(folder).is_dir():
             raise InvalidParameterError(f"{flag} {folder}: not a folder")
@@ -538,6 +573,17 @@ def _generate(args: argparse.Namespace) -> int:
 
         got, skipped = load_embedding_dir(pipe, args.embeddings_dir)
         _status(args, f"embeddings: {len(got)} loaded, {len(skipped)} skipped")
+    if controls:
+        from sfumato.adapters.controlnet import ControlUnit, canny
+
+        units = []
+        for (model, image, weight, start, end) in controls:
+            cn = pipe.load_controlnet(model)
+            units.append(ControlUnit(cn, canny(image) if args.control_canny else image, weight, start, end,
+                                     name=Path(model).stem))
+        kw["controlnet"] = units
+        if args.guess_mode:
+            kw["guess_mode"] = True
     for path, weight in loras:
         handle = pipe.load_lora(path, weight)
         _status(args, f"LoRA {handle.name}: {len(handle.lora.patches)} modules, weight {weight[0]:g}/{weight[1]:g}")
