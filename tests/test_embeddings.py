@@ -24,16 +24,6 @@ def folders(tmp_path_factory):
     return {fam: tiny.build(fam, root / fam, seed=30 + i) for i, fam in enumerate(("sd1", "sdxl"))}
 
 
-def _reference(folder):
-    import diffusers
-
-    cls = diffusers.StableDiffusionXLPipeline if "sdxl" in folder.name else diffusers.StableDiffusionPipeline
-    kw = {} if "sdxl" in folder.name else {"safety_checker": None, "requires_safety_checker": False}
-    pipe = cls.from_pretrained(str(folder), local_files_only=True, **kw)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def _vectors(n: int, width: int, seed: int) -> torch.Tensor:
     return torch.randn(n, width, generator=torch.Generator().manual_seed(seed)) * 0.5
 
@@ -50,7 +40,7 @@ def _diff(a, b) -> int:
 @pytest.mark.parametrize("fmt,n", [("a1111-pt", 2), ("a1111-safetensors", 3), ("diffusers", 1)])
 def test_sd1_embedding_formats_match_diffusers(folders, tmp_path, fmt, n):
     folder = folders["sd1"]
-    ref = _reference(folder)
+    ref = tiny.reference_pipeline(folder)
     v = _vectors(n, ref.text_encoder.config.hidden_size, seed=n)
     if fmt == "a1111-pt":
         path = tmp_path / "shiny.pt"
@@ -76,7 +66,7 @@ def test_sd1_embedding_formats_match_diffusers(folders, tmp_path, fmt, n):
 
 def test_sdxl_clip_l_clip_g_pair_matches_diffusers(folders, tmp_path):
     folder = folders["sdxl"]
-    ref = _reference(folder)
+    ref = tiny.reference_pipeline(folder)
     wl, wg = ref.text_encoder.config.hidden_size, ref.text_encoder_2.config.hidden_size
     cl, cg = _vectors(2, wl, 1), _vectors(2, wg, 2)
     path = tmp_path / "glowzz.safetensors"

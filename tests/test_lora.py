@@ -29,16 +29,6 @@ def folders(tmp_path_factory):
     return {fam: tiny.build(fam, root / fam, seed=20 + i) for i, fam in enumerate(("sd1", "sdxl"))}
 
 
-def _reference(folder):
-    import diffusers
-
-    cls = diffusers.StableDiffusionXLPipeline if "sdxl" in folder.name else diffusers.StableDiffusionPipeline
-    kw = {} if "sdxl" in folder.name else {"safety_checker": None, "requires_safety_checker": False}
-    pipe = cls.from_pretrained(str(folder), local_files_only=True, **kw)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def _targets(ref, *, conv: bool, unet_names: str) -> dict[str, torch.nn.Module]:
     """Modules a kohya LoRA names: attention and feed-forward linears (+ resnet convs) of the UNet, the
     text encoders' attention and MLP linears. ``unet_names``: "diffusers" or "original" (SDXL files)."""
@@ -141,7 +131,7 @@ def _compare_networks(ours, ref, family: str) -> float:
 @pytest.mark.parametrize("weight", [0.5, 1.0])
 def test_lora_matches_diffusers(folders, tmp_path, family, fmt, unet_names, conv, weight):
     folder = folders[family]
-    ref = _reference(folder)
+    ref = tiny.reference_pipeline(folder)
     sd = kohya_lora(ref, conv=conv, unet_names=unet_names) if fmt == "kohya" else peft_lora(ref)
     path = _save(sd, tmp_path / "style.safetensors")
     ours = sfumato.load(folder)
@@ -156,7 +146,7 @@ def test_lora_matches_diffusers(folders, tmp_path, family, fmt, unet_names, conv
 
 def test_two_loras_with_separate_weights_match_diffusers_and_change_the_image(folders, tmp_path):
     folder = folders["sd1"]
-    ref = _reference(folder)
+    ref = tiny.reference_pipeline(folder)
     a = _save(kohya_lora(ref, seed=1), tmp_path / "a.safetensors")
     b = _save(kohya_lora(ref, seed=2, conv=False), tmp_path / "b.safetensors")
     ours = sfumato.load(folder)
@@ -185,7 +175,7 @@ def test_unload_restores_the_base_weights_bit_for_bit(folders, tmp_path):
 
     before = {k: v.clone() for k, v in weights().items()}
     tensors = {v.data_ptr() for v in weights().values()}
-    ref = _reference(folders["sdxl"])
+    ref = tiny.reference_pipeline(folders["sdxl"])
     a = ours.load_lora(_save(kohya_lora(ref, unet_names="original"), tmp_path / "a.safetensors"), weight=0.8)
     ours.load_lora(_save(kohya_lora(ref, seed=4, conv=False), tmp_path / "b.safetensors"), weight=(1.0, 0.0))
     changed = [k for k, v in weights().items() if not torch.equal(v, before[k])]
@@ -202,11 +192,11 @@ def test_unload_restores_the_base_weights_bit_for_bit(folders, tmp_path):
 
 def test_wrong_family_unknown_keys_and_bad_files_are_refused(folders, tmp_path):
     sd1, sdxl = sfumato.load(folders["sd1"]), sfumato.load(folders["sdxl"])
-    ref_xl = _reference(folders["sdxl"])
+    ref_xl = tiny.reference_pipeline(folders["sdxl"])
     xl_file = _save(kohya_lora(ref_xl, unet_names="original"), tmp_path / "xl.safetensors")
     with pytest.raises(CheckpointError, match=r"made for another model \(cross-attention width 192\); the loaded model is sd1 \(cross-attention width 64\)"):
         sd1.load_lora(xl_file)
-    sd = kohya_lora(_reference(folders["sd1"]), conv=False)
+    sd = kohya_lora(tiny.reference_pipeline(folders["sd1"]), conv=False)
     sd["lora_unet_no_such_block_proj.lora_down.weight"] = torch.zeros(4, 8)
     sd["lora_unet_no_such_block_proj.lora_up.weight"] = torch.zeros(8, 4)
     with pytest.raises(CheckpointError, match="1 LoRA module.*match nothing.*lora_unet_no_such_block_proj"):
@@ -226,7 +216,7 @@ def test_wrong_family_unknown_keys_and_bad_files_are_refused(folders, tmp_path):
 
 def test_prompt_tags_load_from_the_lora_folder_and_follow_the_prompt(folders, tmp_path):
     ours = sfumato.load(folders["sd1"])
-    ref = _reference(folders["sd1"])
+    ref = tiny.reference_pipeline(folders["sd1"])
     _save(kohya_lora(ref, seed=7), tmp_path / "ink.safetensors")
     ours.lora_dir = tmp_path
     kw = dict(width=SIZE, height=SIZE, steps=3, seed=1)
@@ -260,7 +250,7 @@ def test_cli_lora_options(folders, tmp_path, capsys):
     from sfumato.cli import main
 
     folder = folders["sd1"]
-    lora = _save(kohya_lora(_reference(folder), seed=8), tmp_path / "ink.safetensors")
+    lora = _save(kohya_lora(tiny.reference_pipeline(folder), seed=8), tmp_path / "ink.safetensors")
     common = ["--model", str(folder), "--width", "32", "--height", "32", "--steps", "3", "--seed", "2", "-q"]
     assert main(["generate", "a red circle", *common, "--lora", f"{lora}:0.6:0.3", "-o", str(tmp_path / "a.png")]) == 0
     assert main(["generate", "a red circle <lora:ink:0.6:0.3>", *common, "--lora-dir", str(tmp_path),
@@ -288,7 +278,7 @@ def test_server_lists_loras_and_applies_prompt_tags(folders, tmp_path):
 
     loras = tmp_path / "loras"
     loras.mkdir()
-    _save(kohya_lora(_reference(folders["sd1"]), seed=9), loras / "ink.safetensors")
+    _save(kohya_lora(tiny.reference_pipeline(folders["sd1"]), seed=9), loras / "ink.safetensors")
     config = ServerConfig(model=folders["sd1"], data_dir=tmp_path / "data", lora_dir=loras)
     with running(config) as srv:
         listed = httpx.get(srv.url + "/sdapi/v1/loras", timeout=30).json()

@@ -114,3 +114,15 @@ def build(family: str, folder: Path, seed: int = 0) -> Path:
         raise ValueError(family)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def reference_pipeline(folder: Path):
+    """diffusers' pipeline for a folder ``build`` wrote (SDXL or SD), progress bars off."""
+    import diffusers
+
+    xl = "sdxl" in folder.name
+    cls = diffusers.StableDiffusionXLPipeline if xl else diffusers.StableDiffusionPipeline
+    kw = {} if xl else {"safety_checker": None, "requires_safety_checker": False}
+    pipe = cls.from_pretrained(str(folder), local_files_only=True, **kw)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from sfumato.adapters import pipe_state
 from sfumato.errors import CheckpointError, InvalidParameterError
 
 if TYPE_CHECKING:
@@ -92,11 +93,7 @@ def read_embedding(path: str | os.PathLike) -> tuple[dict[str, Tensor], str | No
 
 
 def _state(pipe: Pipeline) -> EmbeddingState:
-    state = getattr(pipe, "_embeddings", None)
-    if state is None:
-        state = EmbeddingState()
-        pipe._embeddings = state
-    return state
+    return pipe_state(pipe, "_embeddings", EmbeddingState)
 
 
 def _token_table(encoder: nn.Module) -> nn.Embedding:

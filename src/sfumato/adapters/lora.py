@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from sfumato.adapters import pipe_state
 from sfumato.errors import CheckpointError, InvalidParameterError
 
 if TYPE_CHECKING:
@@ -310,11 +311,7 @@ def pipe_modules(pipe: Pipeline) -> Iterable[tuple[str, nn.Module]]:
 # --- applying -------------------------------------------------------------------------------------------
 
 def _state(pipe: Pipeline) -> LoraState:
-    state = getattr(pipe, "_lora", None)
-    if state is None:
-        state = LoraState()
-        pipe._lora = state
-    return state
+    return pipe_state(pipe, "_lora", LoraState)
 
 
 def _rebuild(pipe: Pipeline, targets: Iterable[tuple[str, str]]) -> None:
