@@ -43,7 +43,25 @@ def setup(tmp_path_factory):
     ours = sfumato.load(root / "sd1")
     m = ours.load_controlnet(nets[0])
     write_safetensors(root / "cn1-original.safetensors", {f"control_model.{k}": v for k, v in m.state_dict().items()})
-    return {"base": root / "sd1", "nets": nets, "single": root / "cn1-original.safetensors"}
+    # SDXL: the same with the tiny SDXL model of tests/tiny.py, given an 8x VAE
+    torch.manual_seed(41)
+    xl = diffusers.StableDiffusionXLPipeline(
+        vae=tiny._vae(blocks=(32, 32, 64, 64), scaling_factor=0.13025), text_encoder=tiny._text(),
+        text_encoder_2=tiny._text(128, act="gelu", projection=128, pad_id=0, layers=3),
+        tokenizer=tiny._tokenizer("<|endoftext|>"), tokenizer_2=tiny._tokenizer("!"),
+        unet=tiny.sdxl_unet(context=192, pooled=128, n_ids=6), scheduler=tiny._scheduler())
+    xl.save_pretrained(root / "sdxl", safe_serialization=True)
+    xl_nets = []
+    for seed in (3, 4):
+        cn = diffusers.ControlNetModel.from_unet(xl.unet)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in cn.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * (0.05 if p.ndim > 1 else 0.02))
+        cn.save_pretrained(root / f"xl-cn{seed}", safe_serialization=True)
+        xl_nets.append(root / f"xl-cn{seed}")
+    return {"base": root / "sd1", "nets": nets, "single": root / "cn1-original.safetensors",
+            "xl": root / "sdxl", "xl_nets": xl_nets}
 
 
 def _control_image(seed: int) -> Image.Image:
@@ -110,6 +128,27 @@ def test_txt2img_matches_diffusers(setup, case):
     d, moved = _diff(got.images[0], want), _diff(got.images[0], plain.images[0])
     assert d <= 1 and moved > 2, f"{case}: max|diff| {d}/255 against diffusers, ControlNet moved the image {moved}/255"
     assert f"ControlNet 0: \"Model: {nets[0].name}, Weight: {weights[0]:g}" in got.infotexts[0]
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_sdxl_matches_diffusers(setup, n):
+    import diffusers
+
+    ours = sfumato.load(setup["xl"])
+    nets, images, weights = setup["xl_nets"][:n], [_control_image(10 + i) for i in range(n)], [0.9, 0.6][:n]
+    units = [ControlUnit(ours.load_controlnet(p), im, w) for p, im, w in zip(nets, images, weights)]
+    kw = dict(width=SIZE, height=SIZE, steps=4, cfg_scale=5.0, sampler="euler", schedule="leading", seed=8)
+    got = ours.generate("a red circle", "blurry", controlnet=units, **kw).images[0]
+    plain = ours.generate("a red circle", "blurry", **kw).images[0]
+    cns = [diffusers.ControlNetModel.from_pretrained(str(p)) for p in nets]
+    ref = diffusers.StableDiffusionXLControlNetPipeline.from_pretrained(str(setup["xl"]),
+                                                                        controlnet=cns if n > 1 else cns[0])
+    ref.set_progress_bar_config(disable=True)
+    want = ref("a red circle", negative_prompt="blurry", image=images if n > 1 else images[0], num_inference_steps=4,
+               guidance_scale=5.0, width=SIZE, height=SIZE, generator=torch.Generator().manual_seed(8),
+               controlnet_conditioning_scale=weights if n > 1 else weights[0]).images[0]
+    d, moved = _diff(got, want), _diff(got, plain)
+    assert d <= 1 and moved > 2, f"SDXL x{n}: max|diff| {d}/255 against diffusers, ControlNet moved it {moved}/255"
 
 
 def test_img2img_matches_diffusers(setup):
