@@ -29,13 +29,22 @@ def image_hash(image) -> str:
 
 
 def generate_hashes() -> list[dict]:
-    pipe = sfumato.load()
-    out = []
-    for case in CASES:
-        kw = {k: v for k, v in case.items() if k != "prompt"}
-        image = pipe.generate(case["prompt"], **kw).images[0]
-        out.append({**case, "sha256": image_hash(image)})
-    return out
+    """One torch thread: oneDNN's convolutions split their sums by thread count, so the same model
+    rounds differently on 1 and 2 threads (the goldens of 2026-12-01 moved by that alone)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pipe = sfumato.load()
+        out = []
+        for case in CASES:
+            kw = {k: v for k, v in case.items() if k != "prompt"}
+            image = pipe.generate(case["prompt"], **kw).images[0]
+            out.append({**case, "sha256": image_hash(image)})
+        return out
+    finally:
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

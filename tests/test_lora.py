@@ -18,8 +18,9 @@ from sfumato.weights.io import write_safetensors
 from tests import tiny
 
 # fp32 module outputs, ours (merged weights) against PEFT's separate low-rank path, relative to the largest
-# output value (outputs reach ~5-20 here; merging rounds differently: measured up to 2e-6 relative)
-TOL = 1e-5
+# output value (outputs reach ~5-20 here; merging rounds differently: measured up to 1.1e-5 relative with
+# 2 threads, 2e-6 with 1; a wrong scale or module is off by order 1)
+TOL = 3e-5
 SIZE = 32
 
 
