@@ -5,6 +5,8 @@ ControlNets, start/end ranges, guess mode and img2img; canny edges; refusals."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -19,49 +21,36 @@ from tests import tiny
 SIZE = 64  # an 8x VAE: 8x8 latents; the ControlNet's hint encoder downsamples 8x too
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def _random_controlnets(base: Path, seeds: tuple[int, ...]) -> list[Path]:
+    """diffusers ControlNets copied from ``base``'s UNet with every weight randomised (its zero convs start
+    at 0, which would hide the residuals), saved beside it as ``<base>-cn<seed>``."""
     import diffusers
 
-    root = tmp_path_factory.mktemp("cn")
-    torch.manual_seed(40)
-    base = diffusers.StableDiffusionPipeline(
-        vae=tiny._vae(blocks=(32, 32, 64, 64)), text_encoder=tiny._text(), tokenizer=tiny._tokenizer("<|endoftext|>"),
-        unet=tiny.sd1_unet(), scheduler=tiny._scheduler(), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
-    base.save_pretrained(root / "sd1", safe_serialization=True)
-    nets = []
-    for seed in (1, 2):
-        cn = diffusers.ControlNetModel.from_unet(base.unet)
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in cn.parameters():  # zero convs start at 0: randomise everything so residuals matter
-                p.copy_(torch.randn(p.shape, generator=g) * (0.05 if p.ndim > 1 else 0.02))
-        cn.save_pretrained(root / f"cn{seed}", safe_serialization=True)
-        nets.append(root / f"cn{seed}")
-    # the first one also as an original (cldm) single file, written from our own loaded copy
-    ours = sfumato.load(root / "sd1")
-    m = ours.load_controlnet(nets[0])
-    write_safetensors(root / "cn1-original.safetensors", {f"control_model.{k}": v for k, v in m.state_dict().items()})
-    # SDXL: the same with the tiny SDXL model of tests/tiny.py, given an 8x VAE
-    torch.manual_seed(41)
-    xl = diffusers.StableDiffusionXLPipeline(
-        vae=tiny._vae(blocks=(32, 32, 64, 64), scaling_factor=0.13025), text_encoder=tiny._text(),
-        text_encoder_2=tiny._text(128, act="gelu", projection=128, pad_id=0, layers=3),
-        tokenizer=tiny._tokenizer("<|endoftext|>"), tokenizer_2=tiny._tokenizer("!"),
-        unet=tiny.sdxl_unet(context=192, pooled=128, n_ids=6), scheduler=tiny._scheduler())
-    xl.save_pretrained(root / "sdxl", safe_serialization=True)
-    xl_nets = []
-    for seed in (3, 4):
-        cn = diffusers.ControlNetModel.from_unet(xl.unet)
+    unet = diffusers.UNet2DConditionModel.from_pretrained(str(base), subfolder="unet")
+    out = []
+    for seed in seeds:
+        cn = diffusers.ControlNetModel.from_unet(unet)
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for p in cn.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * (0.05 if p.ndim > 1 else 0.02))
-        cn.save_pretrained(root / f"xl-cn{seed}", safe_serialization=True)
-        xl_nets.append(root / f"xl-cn{seed}")
-    return {"base": root / "sd1", "nets": nets, "single": root / "cn1-original.safetensors",
-            "xl": root / "sdxl", "xl_nets": xl_nets}
+        folder = base.with_name(f"{base.name}-cn{seed}")
+        cn.save_pretrained(folder, safe_serialization=True)
+        out.append(folder)
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cn")
+    sd1 = tiny.build("sd1", root / "sd1", seed=40, vae_blocks=(32, 32, 64, 64))
+    nets = _random_controlnets(sd1, (1, 2))
+    # the first one also as an original (cldm) single file, written from our own loaded copy
+    m = sfumato.load(sd1).load_controlnet(nets[0])
+    write_safetensors(root / "cn1-original.safetensors", {f"control_model.{k}": v for k, v in m.state_dict().items()})
+    xl = tiny.build("sdxl", root / "sdxl", seed=41, vae_blocks=(32, 32, 64, 64))
+    return {"base": sd1, "nets": nets, "single": root / "cn1-original.safetensors",
+            "xl": xl, "xl_nets": _random_controlnets(xl, (3, 4))}
 
 
 def _control_image(seed: int) -> Image.Image:

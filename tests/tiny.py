@@ -84,29 +84,30 @@ def sdxl_unet(context: int, pooled: int, n_ids: int, depths=(0, 2)):
         projection_class_embeddings_input_dim=pooled + n_ids * TIME_EMBED, norm_num_groups=32).eval()
 
 
-def build(family: str, folder: Path, seed: int = 0) -> Path:
-    """Save a tiny random diffusers pipeline of ``family`` ("sd1", "sd2-v", "sdxl", "sdxl-refiner") to ``folder``."""
+def build(family: str, folder: Path, seed: int = 0, vae_blocks: tuple[int, ...] = (32, 64)) -> Path:
+    """Save a tiny random diffusers pipeline of ``family`` ("sd1", "sd2-v", "sdxl", "sdxl-refiner") to ``folder``;
+    ``vae_blocks``: the autoencoder's widths, one 2x level each ((32, 32, 64, 64) downsamples 8x as SD does)."""
     import diffusers
 
     torch.manual_seed(seed)
     if family == "sd1":
         pipe = diffusers.StableDiffusionPipeline(
-            vae=_vae(), text_encoder=_text(), tokenizer=_tokenizer("<|endoftext|>"), unet=sd1_unet(),
+            vae=_vae(vae_blocks), text_encoder=_text(), tokenizer=_tokenizer("<|endoftext|>"), unet=sd1_unet(),
             scheduler=_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     elif family in ("sd2", "sd2-v"):
         pipe = diffusers.StableDiffusionPipeline(
-            vae=_vae(), text_encoder=_text(layers=3, act="gelu", pad_id=0), tokenizer=_tokenizer("!"),
+            vae=_vae(vae_blocks), text_encoder=_text(layers=3, act="gelu", pad_id=0), tokenizer=_tokenizer("!"),
             unet=sd2_unet(), scheduler=_scheduler("v_prediction" if family == "sd2-v" else "epsilon"),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     elif family == "sdxl":
         pipe = diffusers.StableDiffusionXLPipeline(
-            vae=_vae(scaling_factor=0.13025), text_encoder=_text(),
+            vae=_vae(vae_blocks, scaling_factor=0.13025), text_encoder=_text(),
             text_encoder_2=_text(128, act="gelu", projection=128, pad_id=0, layers=3),
             tokenizer=_tokenizer("<|endoftext|>"), tokenizer_2=_tokenizer("!"),
             unet=sdxl_unet(context=192, pooled=128, n_ids=6), scheduler=_scheduler())
     elif family == "sdxl-refiner":
         pipe = diffusers.StableDiffusionXLImg2ImgPipeline(
-            vae=_vae(scaling_factor=0.13025), text_encoder=None, text_encoder_2=_text(act="gelu", projection=64, pad_id=0, layers=3),
+            vae=_vae(vae_blocks, scaling_factor=0.13025), text_encoder=None, text_encoder_2=_text(act="gelu", projection=64, pad_id=0, layers=3),
             tokenizer=None, tokenizer_2=_tokenizer("!"), unet=sdxl_unet(context=64, pooled=64, n_ids=5),
             scheduler=_scheduler(), requires_aesthetics_score=True,
             force_zeros_for_empty_prompt=False)  # as the released refiner's model_index.json

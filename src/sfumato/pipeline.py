@@ -783,7 +783,7 @@ def _result(pipe: Pipeline, p: GenerationParams, images: list[Image.Image], seed
     extra = {**_lora_fields(pipe), **_ti_fields(pipe, p), **(extra or {})}
     n = len(images)
     texts = [infotext(p, seed=seed, model_name=pipe.model_name, model_hash=pipe.model_hash(), inpaint=inpaint,
-                      extra={**(extra or {}), **({"Batch size": n, "Batch pos": i} if n > 1 else {})})
+                      extra={**extra, **({"Batch size": n, "Batch pos": i} if n > 1 else {})})
              for i in range(n)]
     return GenerationResult(images=images, params=p, seeds=[seed] * n, infotexts=texts)
 

@@ -100,17 +100,11 @@ def _config_from_diffusers(d: dict) -> ControlNetConfig:
                             hint_channels=d.get("conditioning_channels", 3))
 
 
-def _read(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    from sfumato.weights import io
-
-    with io.open_checkpoint(path) as ckpt:
-        return {k: ckpt.get(k, dtype=dtype, share=True) for k in ckpt.keys()}
-
-
 def load_controlnet(path: str | os.PathLike, base: UNetConfig, *, dtype: torch.dtype = torch.float32,
                     family: str = "this model") -> ControlNetModel:
     """A ControlNet for a model whose UNet is ``base`` (its ``family`` names it in errors)."""
-    from sfumato.weights.load import _build, _component_files, assign_weights
+    from sfumato.weights.io import read_tensors
+    from sfumato.weights.load import _build, _read_component, assign_weights
 
     path = Path(path)
     if path.is_dir():
@@ -118,12 +112,9 @@ def load_controlnet(path: str | os.PathLike, base: UNetConfig, *, dtype: torch.d
         if not cfg_file.is_file():
             raise CheckpointError(f"{path}: a diffusers ControlNet folder needs config.json")
         cfg = _config_from_diffusers(json.loads(cfg_file.read_text()))
-        sd: dict[str, torch.Tensor] = {}
-        for f in _component_files(path):
-            sd.update(_read(f, dtype))
-        sd = _from_diffusers(sd, cfg.unet)
+        sd = _from_diffusers(_read_component(path, dtype), cfg.unet)
     elif path.is_file():
-        sd = _read(path, dtype)
+        sd = read_tensors(path, dtype, share=True)
         if any(k.startswith("controlnet_cond_embedding.") for k in sd):
             cfg = ControlNetConfig(replace(base, in_channels=4))
             sd = _from_diffusers(sd, cfg.unet)

@@ -70,9 +70,7 @@ def read_embedding(path: str | os.PathLike) -> tuple[dict[str, Tensor], str | No
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such embedding file")
-    with io.open_checkpoint(path) as ckpt:
-        keys = ckpt.keys()
-        tensors = {k: ckpt.get(k) for k in keys}
+    tensors = io.read_tensors(path)
     where = str(path)
     if "clip_l" in tensors or "clip_g" in tensors:
         if not {"clip_l", "clip_g"} <= set(tensors):
@@ -89,7 +87,7 @@ def read_embedding(path: str | os.PathLike) -> tuple[dict[str, Tensor], str | No
     if len(floats) == 1:
         return {"": _as_matrix(tensors[floats[0]], where)}, floats[0]
     raise CheckpointError(f"{where}: not a textual-inversion embedding (no string_to_param, emb_params, clip_l/"
-                          f"clip_g or single learned_embeds entry; keys: {', '.join(sorted(keys)[:8])})")
+                          f"clip_g or single learned_embeds entry; keys: {', '.join(sorted(tensors)[:8])})")
 
 
 def _state(pipe: Pipeline) -> EmbeddingState:

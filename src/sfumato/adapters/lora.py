@@ -138,13 +138,6 @@ class LoraState:
 
 # --- reading --------------------------------------------------------------------------------------------
 
-def _read_tensors(path: Path) -> dict[str, Tensor]:
-    from sfumato.weights import io
-
-    with io.open_checkpoint(path) as ckpt:
-        return {k: ckpt.get(k) for k in ckpt.keys()}
-
-
 def addnet_hash(path: str | os.PathLike) -> str:
     """AUTOMATIC1111's LoRA hash (``Lora hashes`` in the infotext): SHA-256 of a safetensors file's tensor
     data, the header skipped (kohya's "addnet" hash), of the whole file for other formats; 12 hex digits."""
@@ -236,7 +229,9 @@ def read_lora(pipe: Pipeline, source: str | os.PathLike | Mapping[str, Tensor], 
         path = Path(source)
         if not path.is_file():
             raise CheckpointError(f"{path}: no such LoRA file")
-        tensors, label = _read_tensors(path), name or path.stem
+        from sfumato.weights.io import read_tensors
+
+        tensors, label = read_tensors(path), name or path.stem
     where = str(path) if path is not None else label
     groups = _group(tensors, where)
     names = _module_names(pipe)
@@ -314,23 +309,25 @@ def _state(pipe: Pipeline) -> LoraState:
     return pipe_state(pipe, "_lora", LoraState)
 
 
-def _rebuild(pipe: Pipeline, targets: Iterable[tuple[str, str]]) -> None:
+def _rebuild(pipe: Pipeline, targets: Iterable[tuple[str, str]], modules: Mapping[str, nn.Module]) -> None:
     """Set each (module, attr) in ``targets`` to its original + the deltas of every loaded handle (in load
     order, summed in fp32); a target no handle touches any more gets its original tensor back."""
     state = _state(pipe)
-    modules = dict(pipe_modules(pipe))
-    for path, attr in set(targets):
+    targets = set(targets)
+    touching: dict[tuple[str, str], list[tuple[LoraHandle, LoraPatch]]] = {t: [] for t in targets}
+    for h in state.handles:
+        for p in h.lora.patches:
+            if (p.module, p.attr) in touching:
+                touching[(p.module, p.attr)].append((h, p))
+    for (path, attr), found in touching.items():
         module = modules[path]
         original = state.originals[(path, attr)]
-        total, touched = None, False
-        for h in state.handles:
-            for p in h.lora.patches:
-                if p.module == path and p.attr == attr:
-                    touched = True
-                    w = h.unet_weight if p.part == "unet" else h.te_weight
-                    if w != 0.0:
-                        d = p.delta(original.shape) * w
-                        total = d if total is None else total + d
+        total, touched = None, bool(found)
+        for h, p in found:
+            w = h.unet_weight if p.part == "unet" else h.te_weight
+            if w != 0.0:
+                d = p.delta(original.shape) * w
+                total = d if total is None else total + d
         if total is None:
             setattr(module, attr, nn.Parameter(original, requires_grad=False))
             if not touched:
@@ -352,7 +349,7 @@ def load_lora(pipe: Pipeline, source: str | os.PathLike | Mapping[str, Tensor] |
         state.originals.setdefault((p.module, p.attr), getattr(modules[p.module], p.attr).data)
     handle = LoraHandle(lora, unet_w, te_w, from_prompt)
     state.handles.append(handle)
-    _rebuild(pipe, ((p.module, p.attr) for p in lora.patches))
+    _rebuild(pipe, ((p.module, p.attr) for p in lora.patches), modules)
     return handle
 
 
@@ -365,7 +362,7 @@ def unload_loras(pipe: Pipeline, handles: Iterable[LoraHandle] | None = None) ->
         if h not in state.handles:
             raise InvalidParameterError(f"LoRA {h.name!r} is not loaded on this pipeline")
     state.handles = [h for h in state.handles if h not in gone]
-    _rebuild(pipe, ((p.module, p.attr) for h in gone for p in h.lora.patches))
+    _rebuild(pipe, ((p.module, p.attr) for h in gone for p in h.lora.patches), dict(pipe_modules(pipe)))
 
 
 def _weights(weight: float | tuple[float, float]) -> tuple[float, float]:

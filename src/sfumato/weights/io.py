@@ -49,7 +49,7 @@ from torch import Tensor
 
 from sfumato.errors import CheckpointError, InvalidParameterError, UnsafePickleError
 
-__all__ = ["Checkpoint", "open_checkpoint", "write_safetensors", "select_ema", "ema_key"]
+__all__ = ["Checkpoint", "open_checkpoint", "read_tensors", "write_safetensors", "select_ema", "ema_key"]
 
 # safetensors dtype names (https://github.com/huggingface/safetensors, ``Dtype``).
 _ST_DTYPES: dict[str, torch.dtype] = {
@@ -232,6 +232,14 @@ def _populate(m: mmap.mmap, start: int, length: int) -> None:
         m.madvise(_MADV_POPULATE_READ, first, start + length - first)
     except (OSError, ValueError, AttributeError):
         pass
+
+
+def read_tensors(path: str | os.PathLike, dtype: torch.dtype | None = None, *, share: bool = False
+                 ) -> dict[str, Tensor]:
+    """Every tensor of one file (``Checkpoint.get`` with ``dtype`` and ``share``), for the small files
+    read whole: a diffusers component, an add-on."""
+    with open_checkpoint(path) as ckpt:
+        return {k: ckpt.get(k, dtype=dtype, share=share) for k in ckpt.keys()}
 
 
 def _read_into(f: BinaryIO, offset: int, buf: Tensor, path: Path, key: str) -> None:

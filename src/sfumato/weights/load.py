@@ -284,9 +284,7 @@ def _component_files(folder: Path) -> list[Path]:
 def _read_component(folder: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for f in _component_files(folder):
-        with io.open_checkpoint(f) as ckpt:
-            for k in ckpt.keys():
-                out[k] = ckpt.get(k, dtype=dtype, share=True)
+        out.update(io.read_tensors(f, dtype, share=True))
     return out
 
 
