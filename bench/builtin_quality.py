@@ -4,7 +4,8 @@ Generates one image for each of >= 200 one-shape prompts ("a large purple triang
 background"), every held-out colour x shape x background combination among them (``scenes.HELD_OUT``:
 never in training, so they measure composition), scores each with the deterministic analyser
 (``sfumato.train.score``) and prints per-attribute accuracy for held-out and seen prompts, at the given
-guidance and with guidance off (cfg 1), then seconds per image and peak RSS. Works on any model of the
+guidance and with guidance off (cfg 1), the same scores for the autoencoder's round trip of each prompt's
+own rendering (the ceiling any diffusion model on these latents has), then seconds per image and peak RSS. Works on any model of the
 right size (a random one scores near chance); the figures mean something for the built-in model.
 
     python bench/builtin_quality.py                    # the built-in model, pipeline defaults
@@ -58,6 +59,26 @@ def evaluate(pipe: Pipeline, scenes: Sequence[tuple[Scene, bool]], *, steps: int
         seconds += time.perf_counter() - start
         results.append(score(image, scene))
     return results, seconds / max(1, len(scenes))
+
+
+def autoencoder_ceiling(pipe: Pipeline, scenes: Sequence[tuple[Scene, bool]]) -> list[dict[str, bool]]:
+    """Scores of each scene's own rendering after an autoencoder round trip (encode, posterior mean,
+    decode): what a perfect diffusion model on these latents could score, as the autoencoder bounds it."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from sfumato.train.scenes import render
+
+    p = next(pipe.vae.parameters())
+    results = []
+    for scene, _ in scenes:
+        x = torch.from_numpy(np.array(render(scene))).permute(2, 0, 1)[None].float() / 127.5 - 1
+        with torch.inference_mode():
+            y = pipe.vae.decode(pipe.vae.encode(x.to(p.device, p.dtype)).mean).float().cpu()
+        arr = ((y[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+        results.append(score(Image.fromarray(arr), scene))
+    return results
 
 
 def accuracy_table(scenes: Sequence[tuple[Scene, bool]], results: Sequence[dict[str, bool]]) -> str:
@@ -120,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     off, _ = evaluate(pipe, scenes, steps=args.steps, cfg_scale=1.0, sampler=args.sampler)
     print("\nguidance off (cfg 1):")
     print(accuracy_table(scenes, off))
+    print("\nautoencoder round trip of the prompts' own renderings (the ceiling the autoencoder sets):")
+    print(accuracy_table(scenes, autoencoder_ceiling(pipe, scenes)))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
     print(f"\ntime: {seconds:.3f} s/image at cfg {cfg:g}, {steps} steps (mean over {len(scenes)} images)")
     print(f"peak RSS: {rss:.0f} MB")

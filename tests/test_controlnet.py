@@ -152,6 +152,32 @@ def test_img2img_matches_diffusers(setup):
     assert _diff(got, want) <= 1, f"img2img: max|diff| {_diff(got, want)}/255"
 
 
+@pytest.mark.parametrize("strength", [1.0, 0.7])
+def test_inpaint_matches_diffusers(setup, strength):
+    """Inpainting with a ControlNet on an ordinary (4-channel) model: diffusers'
+    ``StableDiffusionControlNetInpaintPipeline`` blends the known latents back after every step as ours does."""
+    import diffusers
+
+    ours = sfumato.load(setup["base"])
+    unit = ControlUnit(ours.load_controlnet(setup["nets"][0]), _control_image(11), 0.9)
+    init = _control_image(12)
+    m = np.zeros((SIZE, SIZE), np.uint8)
+    m[8:40, 16:56] = 255
+    mask = Image.fromarray(m)
+    kw = dict(strength=strength, steps=6, cfg_scale=5.0, sampler="euler", schedule="leading", seed=4, mask_blur=0)
+    got = ours.inpaint(init, mask, "a house", controlnet=unit, **kw).images[0]
+    plain = ours.inpaint(init, mask, "a house", **kw).images[0]
+    ref = diffusers.StableDiffusionControlNetInpaintPipeline.from_pretrained(
+        str(setup["base"]), controlnet=diffusers.ControlNetModel.from_pretrained(str(setup["nets"][0])),
+        safety_checker=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    want = ref("a house", image=init, mask_image=mask, control_image=unit.image, strength=strength,
+               num_inference_steps=6, guidance_scale=5.0, controlnet_conditioning_scale=0.9, height=SIZE, width=SIZE,
+               generator=torch.Generator().manual_seed(4)).images[0]
+    d, moved = _diff(got, want), _diff(got, plain)
+    assert d <= 1 and moved > 2, f"inpaint {strength}: max|diff| {d}/255 against diffusers, ControlNet moved it {moved}/255"
+
+
 def test_canny_finds_the_edges_of_a_square():
     img = Image.new("RGB", (64, 64), (0, 0, 0))
     img.paste((255, 255, 255), (16, 16, 48, 48))

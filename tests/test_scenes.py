@@ -175,3 +175,5 @@ def test_bench_runs_on_a_random_model():
     assert len(results) == 1 and set(results[0]) == set(ATTRIBUTES) and seconds > 0
     table = bench.accuracy_table(prompts[:1], results)
     assert ("held-out (1)" if prompts[0][1] else "seen (1)") in table, table
+    ceiling = bench.autoencoder_ceiling(pipe, prompts[:1])
+    assert len(ceiling) == 1 and set(ceiling[0]) == set(ATTRIBUTES)

@@ -134,6 +134,25 @@ def test_vae_resume_is_bit_identical(data, tmp_path) -> None:
     assert (tmp_path / "vae.safetensors").is_file() and (tmp_path / "vae_loss.png").is_file()
 
 
+def test_decoder_only_keeps_the_encoder_bit_for_bit(data, trained_vae) -> None:
+    """Decoder-only fine-tuning (as Stability's ft-MSE VAE was made) moves the decoder, lowers the loss on
+    the images and leaves the encoder, quant_conv and the latent scale exactly as they were."""
+    import copy
+
+    start = copy.deepcopy(trained_vae.vae)
+    tuned = train_vae(TINY.vae, data[0][:4], steps=10, batch_size=4, lr=3e-3, seed=1, progress=False,
+                      vae=copy.deepcopy(start), decoder_only=True, latent_std=trained_vae.latent_std)
+    before, after = start.state_dict(), tuned.vae.state_dict()
+    for k in before:
+        same = torch.equal(before[k], after[k])
+        assert same == (k.startswith(("encoder.", "quant_conv."))), f"{k}: {'unchanged' if same else 'moved'}"
+    assert tuned.latent_std == trained_vae.latent_std
+    first, last = _mean(tuned.losses[:3]), _mean(tuned.losses[-3:])
+    assert last < first, f"decoder fine-tuning loss {first:.4f} -> {last:.4f}"
+    with pytest.raises(InvalidParameterError, match="decoder_only"):
+        train_vae(TINY.vae, data[0][:4], steps=1, batch_size=4, decoder_only=True, progress=False)
+
+
 # --- the diffusion stage ----------------------------------------------------------------------------------
 
 def _diffusion(data, vae, **kw):
@@ -252,6 +271,36 @@ def test_cli_continues_a_model_with_init(tmp_path, capsys) -> None:
     assert 0 < moved < 0.01, f"two steps at lr 1e-4 from the built-in weights moved them by {moved}"
     with io.open_checkpoint(tmp_path / "run" / "model.safetensors") as ckpt:
         assert ckpt.metadata["sfumato.train.init"] == "builtin"
+
+
+def test_cli_fine_tunes_a_models_decoder(tmp_path, capsys) -> None:
+    """`sfumato train vae --init builtin --decoder-only`: the written model.safetensors is the built-in model
+    with a new decoder (UNet, text encoder, encoder and latent scale unchanged up to fp16 storage), and it
+    resumes; --decoder-only without --init is a clear error."""
+    from sfumato.cli import main
+
+    out = tmp_path / "dec"
+    common = ["--n-images", "4", "--batch", "2", "-q", "--threads", "1", "--lr", "1e-3"]
+    threads = torch.get_num_threads()
+    try:
+        assert main(["train", "vae", "--out", str(tmp_path / "x"), *common, "--steps", "1", "--decoder-only"]) == 2
+        assert "--init" in capsys.readouterr().err
+        assert main(["train", "vae", "--out", str(out), *common, "--steps", "2", "--init", "builtin",
+                     "--decoder-only"]) == 0
+        assert main(["train", "vae", "--out", str(out), *common, "--steps", "3", "--init", "builtin",
+                     "--decoder-only", "--resume"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    base, tuned = sfumato.load(), sfumato.load(out / "model.safetensors")
+    assert tuned.spec.family == "builtin" and tuned.spec.latent_scale == base.spec.latent_scale
+    for a, b in ((base.unet, tuned.unet), (base.text_encoders[0], tuned.text_encoders[0])):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    sa, sb = base.vae.state_dict(), tuned.vae.state_dict()
+    moved = {k for k in sa if not torch.equal(sa[k], sb[k])}
+    assert moved and all(k.startswith(("decoder.", "post_quant_conv.")) for k in moved), sorted(moved)[:5]
+    assert torch.load(out / VAE_CHECKPOINT, weights_only=True)["step"] == 3
+    with io.open_checkpoint(out / "model.safetensors") as ckpt:
+        assert ckpt.metadata["sfumato.train.decoder_only"] == "true"
 
 
 def test_vae_crops_lie_on_the_latent_grid_and_bad_crops_are_refused() -> None:

@@ -4,6 +4,7 @@
     sfumato train vae --out run --steps 800               # run/vae.safetensors (latent scale in its metadata)
     sfumato train diffusion --vae run/vae.safetensors --out run --steps 1500 [--resume]
     sfumato train diffusion --init builtin --out run2 --steps 1000   # continue training a model
+    sfumato train vae --init builtin --decoder-only --out run3 --steps 600  # a sharper decoder, same latents
 
 Argument parsing only imports the standard library; torch and the trainer load when a command runs.
 """
@@ -58,6 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     v.add_argument("--crop", type=int, default=32, help="train on random CROP x CROP windows; 0: whole images "
                    "(default: 32)")
     v.add_argument("--kl-weight", type=float, default=1e-6, help="KL weight in LDM's units (default: 1e-6)")
+    v.add_argument("--init", metavar="MODEL", help="continue this autoencoder: a model (file, folder or "
+                   "'builtin') or a VAE file; for a model, also writes model.safetensors with the new autoencoder")
+    v.add_argument("--decoder-only", action="store_true", help="train only the decoder (needs --init): the "
+                   "latents stay as they were, so the model's UNet keeps working")
 
     d = sub.add_parser("diffusion", help="train the UNet and text encoder on a trained autoencoder's latents; "
                        "writes checkpoint.pt and model.safetensors")
@@ -86,6 +91,22 @@ def _resume(args: argparse.Namespace, name: str) -> Path | None:
     return Path(args.resume) if args.resume else Path(args.out) / name
 
 
+def _init_autoencoder(init: str):  # noqa: ANN202 - (Pipeline | None, AutoencoderKL, float | None)
+    """``--init`` of ``train vae``: a model (its pipeline, autoencoder and latent scale) or a VAE file."""
+    import sfumato
+    from sfumato.errors import UnknownModelError
+    from sfumato.train.vae_stage import load_trained_vae
+
+    try:
+        pipe = sfumato.load(None if init == "builtin" else init, dtype="fp32")
+    except UnknownModelError:  # no UNet: a standalone autoencoder
+        if Path(init).is_dir():
+            raise
+        vae, scale = load_trained_vae(init)  # a standalone autoencoder file
+        return None, vae, scale
+    return pipe, pipe.vae, pipe.spec.latent_scale
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``sfumato train STAGE``; prints what it wrote, the wall time and the hardware."""
     from sfumato.config import BUILTIN
@@ -110,16 +131,35 @@ def run(args: argparse.Namespace) -> int:
     if args.stage == "diffusion" and args.init is None and args.vae is None:  # before rendering any scene
         log("error: give the autoencoder (--vae PATH) or a model to start from (--init MODEL)")
         return 2
+    if args.stage == "vae" and args.decoder_only and args.init is None:
+        log("error: --decoder-only fine-tunes a trained autoencoder: give it with --init MODEL")
+        return 2
     threads = set_threads(args.threads)
     data = scenes.dataset(args.n_images, args.data_seed)
     log(f"{args.n_images} scenes (dataset {args.data_seed}) ready; {threads} threads")
     if args.stage == "vae":
-        res = train_vae(BUILTIN.vae, data.images, steps=args.steps, batch_size=args.batch, lr=args.lr,
-                        kl_weight=args.kl_weight, crop=args.crop or None, seed=args.seed, out_dir=out, checkpoint_every=args.checkpoint_every,
+        pipe, vae, std = None, None, None
+        if args.init is not None:
+            pipe, vae, scale = _init_autoencoder(args.init)
+            std = None if scale is None else 1.0 / scale
+            log(f"starting from {args.init}'s autoencoder" + ("" if scale is None else f" (latent scale {scale:.5f})"))
+        res = train_vae(vae.cfg if vae is not None else BUILTIN.vae, data.images, steps=args.steps,
+                        batch_size=args.batch, lr=args.lr, kl_weight=args.kl_weight, crop=args.crop or None,
+                        seed=args.seed, out_dir=out, checkpoint_every=args.checkpoint_every,
                         resume_from=_resume(args, VAE_CHECKPOINT), device=args.device,
-                        mixed_precision=args.mixed_precision, progress=not args.quiet)
+                        mixed_precision=args.mixed_precision, vae=vae, decoder_only=args.decoder_only,
+                        latent_std=std, progress=not args.quiet)
         log(f"latent std {res.latent_std:.5f} -> latent_scale {res.latent_scale:.5f}")
         print(res.path)
+        if pipe is not None and not args.decoder_only:
+            log("no model.safetensors: a retrained encoder moves the latents the model's UNet was trained on "
+                "(fine-tune with --decoder-only to keep them)")
+        elif pipe is not None:  # the model with its new decoder
+            print(export_pipeline(pipe.spec, pipe.unet, res.vae.cpu(), pipe.text_encoders, out / MODEL_FILE,
+                                  latent_scale=res.latent_scale,
+                                  metadata={"sfumato.train.init": str(args.init),
+                                            "sfumato.train.vae_steps": str(len(res.losses)),
+                                            "sfumato.train.decoder_only": str(args.decoder_only).lower()}))
     else:
         from sfumato.train.diffusion_stage import CHECKPOINT, train_diffusion
 

@@ -76,9 +76,11 @@ class TrainedVAE:
 
 
 def vae_loss(vae: AutoencoderKL, x: torch.Tensor, g: torch.Generator, kl_weight: float,
-             l2_weight: float) -> torch.Tensor:
-    """Per-pixel L1 (+ L2) reconstruction + kl_weight * KL per image / pixels per image."""
-    posterior = vae.encode(x)
+             l2_weight: float, *, decoder_only: bool = False) -> torch.Tensor:
+    """Per-pixel L1 (+ L2) reconstruction + kl_weight * KL per image / pixels per image. ``decoder_only``:
+    the encoder runs without gradients (its KL term is then a constant, kept so the figures compare)."""
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not decoder_only):
+        posterior = vae.encode(x)
     eps = torch.randn(posterior.mean.shape, generator=g).to(posterior.mean)  # drawn on the CPU: same on any device
     recon = vae.decode(posterior.mean + posterior.std * eps).float()
     diff = recon - x
@@ -172,6 +174,8 @@ def train_vae(
     mixed_precision: str = "no",
     vae: AutoencoderKL | None = None,
     init_logvar: float | None = -6.0,
+    decoder_only: bool = False,
+    latent_std: float | None = None,
     progress: bool = True,
 ) -> TrainedVAE:
     """Train ``AutoencoderKL(cfg)`` (or continue ``vae``) on ``images`` for ``steps`` AdamW steps.
@@ -188,6 +192,11 @@ def train_vae(
     crops of 32 px reached eval L1 0.054 where 8 whole 64 px images per step were still at 0.30).
     A new VAE starts with its posterior log-variance at ``init_logvar`` (None: PyTorch's init); ``vae``
     continues a given one as it is.
+
+    ``decoder_only`` (with a trained ``vae``) fine-tunes the decoder and ``post_quant_conv`` and leaves the
+    encoder and ``quant_conv`` bit for bit as they were, as Stability's ft-EMA / ft-MSE VAEs were made: the
+    latents do not change, so a diffusion model trained on them keeps working with the new decoder. Its
+    ``latent_std`` (the model's own, ``1 / latent_scale``) is then kept as given instead of re-measured.
     """
     _check(steps, batch_size, lr, kl_weight, checkpoint_every)
     device = torch.device(device)
@@ -201,7 +210,9 @@ def train_vae(
                                     f"{cfg.downscale} no larger than the images ({images.shape[3]}x{images.shape[2]})")
     warmup = max(1, steps // 20) if warmup is None else warmup
     out = Path(out_dir) if out_dir is not None else None
-    hparams = {"batch_size": batch_size, "seed": seed, "n_images": n, "crop": crop}
+    if decoder_only and vae is None:
+        raise InvalidParameterError("decoder_only fine-tunes a trained autoencoder: pass vae=")
+    hparams = {"batch_size": batch_size, "seed": seed, "n_images": n, "crop": crop, "decoder_only": decoder_only}
 
     torch.manual_seed(seed)
     if vae is None:
@@ -213,13 +224,18 @@ def train_vae(
             with torch.no_grad():
                 vae.quant_conv.bias[cfg.embed_dim:].fill_(init_logvar)
     model = vae.to(device).float().train().requires_grad_(True)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    if decoder_only:
+        model.encoder.requires_grad_(False).eval()
+        model.quant_conv.requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
     ema = EMA({"vae": model}, ema_decay) if ema_decay is not None else None
     scaler = GradScaler(device, mixed_precision)
     g = torch.Generator().manual_seed(seed)
     step, losses = 0, []
     if resume_from is not None:
         state = load_checkpoint(resume_from, _KIND)
+        state.setdefault("hparams", {}).setdefault("decoder_only", False)  # checkpoints from before the option
         check_resume(state, hparams, resume_from)
         model.load_state_dict(state["models"]["vae"])
         opt.load_state_dict(state["optimizer"])
@@ -251,11 +267,11 @@ def train_vae(
             if crop is not None:
                 x = _random_crop(x, crop, cfg.downscale, g)
             with autocast(device, mixed_precision):
-                loss = vae_loss(model, x, g, kl_weight, l2_weight)
+                loss = vae_loss(model, x, g, kl_weight, l2_weight, decoder_only=decoder_only)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
             scaler.step(opt)
             scaler.update()
             if ema is not None:
@@ -273,7 +289,7 @@ def train_vae(
     if ema is not None:
         ema.copy_to("vae", model)
     model.eval().requires_grad_(False)
-    std = measure_latent_std(model, images, seed=seed)
+    std = latent_std if decoder_only and latent_std is not None else measure_latent_std(model, images, seed=seed)
     result = TrainedVAE(vae=model, latent_std=std, latent_scale=1.0 / std, losses=losses, seconds=seconds)
     if out is not None:
         result.path = save_vae(model, out / VAE_FILE, latent_std=std,
