@@ -116,7 +116,8 @@ def test_txt2img_matches_diffusers(setup, case):
                guess_mode=case == "guess").images[0]
     d, moved = _diff(got.images[0], want), _diff(got.images[0], plain.images[0])
     assert d <= 1 and moved > 2, f"{case}: max|diff| {d}/255 against diffusers, ControlNet moved the image {moved}/255"
-    assert f"ControlNet 0: \"Model: {nets[0].name}, Weight: {weights[0]:g}" in got.infotexts[0]
+    assert f"ControlNet 0: \"Module: none, Model: {nets[0].name}, Weight: {weights[0]:g}" in got.infotexts[0]
+    assert f"Control Mode: {'Guess' if case == 'guess' else 'Balanced'}\"" in got.infotexts[0]
 
 
 @pytest.mark.parametrize("n", [1, 2])
@@ -178,6 +179,92 @@ def test_inpaint_matches_diffusers(setup, strength):
     assert d <= 1 and moved > 2, f"inpaint {strength}: max|diff| {d}/255 against diffusers, ControlNet moved it {moved}/255"
 
 
+@torch.no_grad()
+def test_control_modes_scale_and_mask_the_residuals(setup):
+    """AUTOMATIC1111's control modes: "prompt" scales residual i of n by 0.825 ** (n - 1 - i) (its soft
+    injection); "control" does the same on the conditional rows only, zeros on the negative ones."""
+    from sfumato.pipeline import _control_residuals
+
+    ours = sfumato.load(setup["base"])
+    cn = ours.load_controlnet(setup["nets"][0])
+    g = torch.Generator().manual_seed(9)
+    x, hint = torch.randn(4, 4, 8, 8, generator=g), torch.rand(1, 3, SIZE, SIZE, generator=g)
+    t, ctx = torch.tensor([500] * 4), torch.randn(4, 77, 64, generator=g)
+    state = {"step": 0, "run_start": 0, "run_steps": 4}
+
+    def residuals(mode: str) -> list[torch.Tensor]:
+        unit = ControlUnit(cn, _control_image(0), 0.7, mode=mode)
+        return _control_residuals([(unit, hint)], state, x, t, ctx, None, 2, 2, True, False)
+
+    plain, prompt, control = residuals("balanced"), residuals("prompt"), residuals("control")
+    n = len(plain)
+    for i in range(n):
+        s = 0.825 ** (n - 1 - i)
+        assert torch.allclose(prompt[i], plain[i] * s, rtol=1e-5, atol=1e-7), f"residual {i}"
+        assert not control[i][:2].any(), f"residual {i}: the negative rows must get no control"
+        assert torch.allclose(control[i][2:], prompt[i][2:], rtol=1e-5, atol=1e-6), f"residual {i}"
+    with pytest.raises(InvalidParameterError, match="mode='strong' is not one of balanced, prompt, control"):
+        ControlUnit(cn, _control_image(0), mode="strong")
+
+
+def test_control_mode_on_images_and_without_guidance(setup):
+    """Without guidance there are no negative rows, so "control" equals "prompt" exactly; with it, both
+    differ from "balanced" and from each other; the infotext names the mode as the extension does."""
+    ours = sfumato.load(setup["base"])
+    cn = ours.load_controlnet(setup["nets"][0])
+    kw = dict(width=SIZE, height=SIZE, steps=3, sampler="euler", seed=6)
+
+    def image(mode: str, cfg: float):
+        r = ours.generate("a tree", controlnet=ControlUnit(cn, _control_image(3), mode=mode), cfg_scale=cfg, **kw)
+        return r.images[0], r.infotexts[0]
+
+    assert _diff(image("control", 1.0)[0], image("prompt", 1.0)[0]) == 0
+    (b, _), (p, text), (c, _) = image("balanced", 5.0), image("prompt", 5.0), image("control", 5.0)
+    assert _diff(b, p) > 0 and _diff(p, c) > 0 and _diff(b, c) > 0
+    assert "Control Mode: My prompt is more important" in text
+
+
+def test_resize_modes_and_preprocessors():
+    from sfumato.adapters.controlnet import fit_image, preprocess
+
+    wide = Image.new("RGB", (64, 32), (255, 0, 0))
+    wide.paste((0, 0, 255), (32, 0, 64, 32))  # red left half, blue right half
+    crop = np.asarray(fit_image(wide, 32, 32, "crop"))  # scaled to 64x32 (covers), centre 32 columns kept
+    assert (crop[:, :14, 0] > 200).all() and (crop[:, 18:, 2] > 200).all()
+    fill = np.asarray(fit_image(wide, 32, 32, "fill"))  # scaled to 32x16, black bars above and below
+    assert not fill[:7].any() and not fill[-7:].any() and (fill[10:22, :14, 0] > 200).all()
+    stretch = np.asarray(fit_image(wide, 32, 32, "stretch"))
+    assert (stretch[:, :14, 0] > 200).all() and (stretch[:, 18:, 2] > 200).all() and stretch.shape == (32, 32, 3)
+
+    square = Image.new("RGB", (64, 64), (0, 0, 0))
+    square.paste((255, 255, 255), (16, 16, 48, 48))
+    assert np.array_equal(np.asarray(preprocess(square, "canny")), np.asarray(canny(square, 100, 200)))
+    assert np.array_equal(np.asarray(preprocess(square, "canny", 50, 80)), np.asarray(canny(square, 50, 80)))
+    assert np.array_equal(np.asarray(preprocess(square, "invert")), 255 - np.asarray(square))
+    with pytest.raises(InvalidParameterError, match="preprocessor 'depth_midas' is not available; available: none, "
+                                                    "canny, invert"):
+        preprocess(square, "depth_midas")
+
+
+def test_inpaint_full_res_crops_the_control_image(setup):
+    """"Inpaint at full resolution" with a ControlNet: the control image is cropped to the mask's region
+    with the init image; outside the mask the image stays the original."""
+    ours = sfumato.load(setup["base"])
+    unit = ControlUnit(ours.load_controlnet(setup["nets"][0]), _control_image(21).resize((128, 128)), 1.0,
+                       resize="crop")
+    init = _control_image(22).resize((128, 128))
+    m = np.zeros((128, 128), np.uint8)
+    m[16:48, 16:48] = 255
+    kw = dict(steps=3, cfg_scale=4.0, sampler="euler", seed=1, mask_blur=0, inpaint_full_res=True, padding=8,
+              width=SIZE, height=SIZE)
+    got = ours.inpaint(init, Image.fromarray(m), "a cat", controlnet=unit, **kw).images[0]
+    plain = ours.inpaint(init, Image.fromarray(m), "a cat", **kw).images[0]
+    assert got.size == (128, 128)
+    outside = np.asarray(got, np.int16)[64:], np.asarray(init, np.int16)[64:]
+    assert np.abs(outside[0] - outside[1]).max() == 0, "the unmasked area must stay the original"
+    assert _diff(got, plain) > 2, "the ControlNet must change the inpainted region"
+
+
 def test_canny_finds_the_edges_of_a_square():
     img = Image.new("RGB", (64, 64), (0, 0, 0))
     img.paste((255, 255, 255), (16, 16, 48, 48))
@@ -227,3 +314,69 @@ def test_cli_controlnet(setup, tmp_path, capsys):
     assert main(["generate", "a cat", *common, "--controlnet", str(tmp_path / "absent"), str(image),
                  "-o", str(tmp_path / "c.png")]) == 2
     assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_server_controlnet_as_the_webui_extension(setup, tmp_path):
+    """AUTOMATIC1111 clients drive ControlNet through ``alwayson_scripts.controlnet``: the server lists its
+    ControlNet folder and preprocessors, runs a unit named with the extension's "name [hash]" title exactly
+    as the Python API does, preprocesses with /controlnet/detect, and answers bad units with the valid names
+    while it keeps serving."""
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    import base64
+    import io
+    import shutil
+
+    from sfumato.server.app import ServerConfig
+
+    from .server_util import running
+
+    cns = tmp_path / "controlnet"
+    cns.mkdir()
+    shutil.copy(setup["single"], cns / "edges.safetensors")
+    shutil.copytree(setup["nets"][1], cns / "depthy")
+
+    def b64(im: Image.Image) -> str:
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode()
+
+    control = _control_image(30)
+    unit = {"image": b64(control), "module": "none", "model": "edges [0123abcd]", "weight": 0.8,
+            "guidance_start": 0.0, "guidance_end": 1.0, "control_mode": "My prompt is more important",
+            "resize_mode": 0, "processor_res": 512, "threshold_a": -1, "threshold_b": -1}
+    body = {"prompt": "a red circle", "negative_prompt": "blurry", "width": SIZE, "height": SIZE, "steps": 3,
+            "seed": 5, "sampler_name": "Euler", "cfg_scale": 5.0, "alwayson_scripts": {"ControlNet": {"args": [unit]}}}
+    config = ServerConfig(model=setup["base"], data_dir=tmp_path / "data", controlnet_dir=cns)
+    with running(config) as srv:
+        assert httpx.get(srv.url + "/controlnet/model_list", timeout=30).json() == {"model_list": ["depthy", "edges"]}
+        modules = httpx.get(srv.url + "/controlnet/module_list", timeout=30).json()["module_list"]
+        assert modules == ["none", "canny", "invert"]
+        r = httpx.post(srv.url + "/sdapi/v1/txt2img", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        bad_model = httpx.post(srv.url + "/sdapi/v1/txt2img", timeout=60, json={
+            **body, "alwayson_scripts": {"controlnet": {"args": [{**unit, "model": "openpose"}]}}})
+        assert bad_model.status_code == 400 and "openpose" in bad_model.text and "depthy, edges" in bad_model.text
+        bad_module = httpx.post(srv.url + "/sdapi/v1/txt2img", timeout=60, json={
+            **body, "alwayson_scripts": {"controlnet": {"args": [{**unit, "module": "depth_midas"}]}}})
+        assert bad_module.status_code == 400 and "depth_midas" in bad_module.text and "canny" in bad_module.text
+        bad_weight = httpx.post(srv.url + "/sdapi/v1/txt2img", timeout=60, json={
+            **body, "alwayson_scripts": {"controlnet": {"args": [{**unit, "weight": -1}]}}})
+        assert bad_weight.status_code == 422 and "weight=-1" in bad_weight.text
+        square = Image.new("RGB", (SIZE, SIZE))
+        square.paste((255, 255, 255), (16, 16, 48, 48))
+        detected = httpx.post(srv.url + "/controlnet/detect", timeout=60, json={
+            "controlnet_module": "canny", "controlnet_input_images": [b64(square)], "controlnet_threshold_a": 50,
+            "controlnet_threshold_b": 120}).json()
+        again = httpx.post(srv.url + "/sdapi/v1/txt2img", json=body, timeout=120)
+        assert again.status_code == 200, "failed requests leave the server serving"
+    ours = sfumato.load(setup["base"])
+    want = ours.generate("a red circle", "blurry", width=SIZE, height=SIZE, steps=3, seed=5, sampler="euler",
+                         cfg_scale=5.0, controlnet=ControlUnit(ours.load_controlnet(setup["single"]), control, 0.8,
+                                                               mode="prompt", name="edges [0123abcd]"))
+    got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB")
+    assert _diff(got, want.images[0]) == 0
+    info = r.json()["info"]
+    assert "ControlNet 0" in info and "Control Mode: My prompt is more important" in info
+    edges = Image.open(io.BytesIO(base64.b64decode(detected["images"][0]))).convert("RGB")
+    assert np.array_equal(np.asarray(edges), np.asarray(canny(square, 50, 120)))

@@ -4,6 +4,8 @@ image; widths that do not fit are refused; unloading restores the tokenizer and 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -130,3 +132,47 @@ def test_cli_embedding_options(folders, tmp_path, capsys):
         assert np.array_equal(np.asarray(Image.open(tmp_path / name).convert("RGB")), want), name
     assert main(["generate", "x", *common, "--embedding", str(tmp_path / "absent.pt"), "-o", str(tmp_path / "c.png")]) == 2
     assert "--embedding" in capsys.readouterr().err
+
+
+def test_server_lists_and_uses_an_embeddings_folder(folders, tmp_path):
+    """`sfumato serve --embeddings-dir`: /sdapi/v1/embeddings lists what fits the current model (an SDXL
+    pair is skipped for SD 1.x, with its width), prompts use them by file name with their TI hash recorded,
+    and a file added later is picked up by the next job without a restart."""
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    import base64
+    import io
+
+    from PIL import Image
+
+    from sfumato.server.app import ServerConfig
+
+    from .server_util import running
+
+    emb = tmp_path / "embeddings"
+    emb.mkdir()
+    width = sfumato.load(folders["sd1"]).text_encoders[0].text_model.embeddings.token_embedding.weight.shape[1]
+    write_safetensors(emb / "shiny.safetensors", {"emb_params": _vectors(2, width, seed=1)})
+    write_safetensors(emb / "xlpair.safetensors", {"clip_l": _vectors(1, width, seed=2),
+                                                  "clip_g": _vectors(1, width + 32, seed=3)})
+    (emb / "notes.txt").write_text("not an embedding")
+    config = ServerConfig(model=folders["sd1"], data_dir=tmp_path / "data", embeddings_dir=emb)
+    body = {"prompt": "a shiny cat", "width": SIZE, "height": SIZE, "steps": 3, "seed": 6, "sampler_name": "Euler",
+            "cfg_scale": 5.0}
+    with running(config) as srv:
+        listed = httpx.get(srv.url + "/sdapi/v1/embeddings", timeout=30).json()
+        assert listed["loaded"] == {"shiny": {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                                              "shape": width, "vectors": 2}}
+        assert list(listed["skipped"]) == ["xlpair"] and listed["skipped"]["xlpair"]["shape"] == width
+        r = httpx.post(srv.url + "/sdapi/v1/txt2img", json=body, timeout=120).json()
+        write_safetensors(emb / "glossy.safetensors", {"emb_params": _vectors(1, width, seed=4)})
+        later = httpx.post(srv.url + "/sdapi/v1/txt2img", json={**body, "prompt": "a glossy cat"}, timeout=120).json()
+        assert httpx.post(srv.url + "/sdapi/v1/refresh-embeddings", timeout=30).status_code == 200
+    api = sfumato.load(folders["sd1"])
+    api.load_embedding(emb / "shiny.safetensors")
+    api.load_embedding(emb / "glossy.safetensors")
+    for res, prompt in ((r, "a shiny cat"), (later, "a glossy cat")):
+        want = api.generate(prompt, width=SIZE, height=SIZE, steps=3, seed=6, sampler="euler", cfg_scale=5.0)
+        got = Image.open(io.BytesIO(base64.b64decode(res["images"][0]))).convert("RGB")
+        assert _diff(got, want.images[0]) == 0, prompt
+        assert "TI hashes" in json.loads(res["info"])["infotexts"][0]

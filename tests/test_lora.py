@@ -5,6 +5,7 @@ image; unloading restores the base weights bit for bit; wrong files fail with th
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -340,3 +341,148 @@ def test_lycoris_loha_lokr_and_full_diff_apply_their_formulas(folders, tmp_path)
     assert torch.allclose(unet.get_submodule(ff).bias, bf + 0.5 * diff_b, atol=1e-6)
     ours.unload_loras()
     assert torch.equal(unet.get_submodule(conv).weight, wc) and torch.equal(unet.get_submodule(ff).bias, bf)
+
+
+# --- DoRA -----------------------------------------------------------------------------------------------
+
+def _peft_dora(ref, *, seed=3):
+    """A DoRA file as PEFT trains and diffusers' ``save_lora_weights`` writes it (``use_dora=True``): UNet
+    attention linears and resnet 3x3 convs, text-encoder q/v; PEFT sets each magnitude to ``||W + s*BA||``,
+    so it is scaled by a random factor per row to make the magnitude matter. Returns the state dict and a
+    copy of the text encoder with the adapter in PEFT's own layers (the text-encoder reference)."""
+    import copy
+
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    unet, te = copy.deepcopy(ref.unet), copy.deepcopy(ref.text_encoder)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, use_dora=True, init_lora_weights=False,
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]))
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, use_dora=True, init_lora_weights=False,
+                                       target_modules=["q_proj", "v_proj"]), te)
+    with torch.no_grad():
+        for net in (unet, te):
+            for name, p in net.named_parameters():
+                if "lora_magnitude_vector" in name:
+                    p.mul_(0.6 + 0.8 * torch.rand(p.shape))
+    sd = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet).items()}
+    sd.update({f"text_encoder.{k}": v for k, v in get_peft_model_state_dict(te).items()})
+    return {k: v.detach().clone().contiguous() for k, v in sd.items()}, te
+
+
+@pytest.mark.parametrize("weight", [0.5, 1.0])
+def test_peft_dora_matches_diffusers(folders, tmp_path, weight):
+    """PEFT / diffusers DoRA (``lora_magnitude_vector``): the UNet (attention linears and 3x3 convs) against
+    diffusers' ``load_lora_weights`` + ``set_adapters`` (PEFT's DoRA layers), the text encoder against PEFT's
+    layers directly (transformers 5's ``load_adapter`` does not load text-encoder magnitudes: it expects
+    ``lora_magnitude_vector.<name>.weight``). Measured max|diff| / max|ref|: 2.1e-6 at 0.5, 2.2e-6 at 1.0 (fp32).
+    The same file without its magnitudes (read as a plain LoRA) is off by 3.7e-1 / 3.6e-1."""
+    folder = folders["sd1"]
+    ref = tiny.reference_pipeline(folder)
+    sd, te = _peft_dora(ref)
+    assert any(k.endswith("conv1.lora_magnitude_vector") for k in sd)
+    path = _save(sd, tmp_path / "dora.safetensors")
+    ours = sfumato.load(folder)
+    before = {k: v.clone() for k, v in ours.unet.state_dict().items()}
+    ours.load_lora(path, weight=weight)
+    ref.load_lora_weights(str(tmp_path), weight_name="dora.safetensors", adapter_name="dora")
+    ref.set_adapters(["dora"], adapter_weights=[weight])
+    for m in te.modules():
+        if hasattr(m, "set_scale"):
+            m.set_scale("default", weight)
+    both = SimpleNamespace(unet=ref.unet, text_encoder=te)
+    d = _compare_networks(ours, both, "sd1")
+    assert d <= TOL, f"PEFT DoRA at {weight}: max|diff| {d:.2e} > {TOL:.0e}"
+    ours.unload_loras()
+    assert all(torch.equal(v, before[k]) for k, v in ours.unet.state_dict().items())
+    plain = {k: v for k, v in sd.items() if "magnitude" not in k}
+    ours.load_lora(plain, weight=weight)
+    off = _compare_networks(ours, both, "sd1")
+    assert off > 100 * TOL, f"without magnitudes the file should not match DoRA (max|diff| {off:.2e})"
+
+
+def _a1111_dora(w, updown, dora_scale, multiplier):
+    """AUTOMATIC1111's ``extensions-builtin/Lora/network.py`` ``apply_weight_decompose`` on ``updown`` (already
+    times alpha / rank) and the user's multiplier after it, written out; a ``(out, 1, ...)`` ``dora_scale``
+    is normed per row as LyCORIS ``wd_on_out`` does."""
+    merged = updown + w
+    dims = w.ndim - 1
+    if dora_scale.shape[0] == 1:
+        norm = (merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1, keepdim=True)
+                .reshape(merged.shape[1], *[1] * dims).transpose(0, 1))
+    else:
+        norm = merged.reshape(merged.shape[0], -1).norm(dim=1).reshape(merged.shape[0], *[1] * dims)
+    return w + (merged * (dora_scale / norm) - w) * multiplier
+
+
+def test_kohya_dora_follows_automatic1111(folders, tmp_path):
+    """kohya / LyCORIS DoRA (``dora_scale``; diffusers drops it, so the reference is AUTOMATIC1111's formula,
+    :func:`_a1111_dora`): per-column scales on a square linear and a 3x3 conv, a per-row (``wd_on_out``) scale
+    on a non-square linear, a LoHa with a scale, a text-encoder linear; unet weight 0.7, te 0.4. A second
+    DoRA file on the same linear adds its own update, computed from the original weight. Measured max|diff|
+    of the weights against the formula: 3.0e-8 (fp32; updates up to 0.54). Unloading restores them bit for bit."""
+    ours = sfumato.load(folders["sd1"])
+    g = torch.Generator().manual_seed(11)
+    attn = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_"
+    targets = {  # file name -> (our module, scale layout, kind)
+        f"{attn}attn1_to_q": ("unet.input_blocks.1.1.transformer_blocks.0.attn1.to_q", "col", "lora"),
+        f"{attn}attn2_to_k": ("unet.input_blocks.1.1.transformer_blocks.0.attn2.to_k", "row", "lora"),
+        "lora_unet_down_blocks_0_resnets_0_conv1": ("unet.input_blocks.1.0.in_layers.2", "col", "lora"),
+        f"{attn}ff_net_2": ("unet.input_blocks.1.1.transformer_blocks.0.ff.net.2", "row", "loha"),
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj":
+            ("text_encoders.0.text_model.encoder.layers.0.self_attn.q_proj", "col", "lora"),
+    }
+    modules = dict(ours.unet.named_modules(prefix="unet"))
+    modules.update(ours.text_encoders[0].named_modules(prefix="text_encoders.0"))
+    originals = {path: modules[path].weight.detach().clone() for path, _, _ in targets.values()}
+
+    def dora_file(names, seed_alpha):
+        sd, want = {}, {}
+        for fname in names:
+            path, layout, kind = targets[fname]
+            w = originals[path]
+            r, alpha = 4, seed_alpha
+            if kind == "lora":
+                down = torch.randn(r, *w.shape[1:], generator=g) * 0.3
+                up = torch.randn(w.shape[0], r, *([1] * (w.ndim - 2)), generator=g) * 0.3
+                sd.update({f"{fname}.lora_down.weight": down, f"{fname}.lora_up.weight": up})
+                updown = (up.flatten(1) @ down.flatten(1)).reshape(w.shape)
+            else:
+                f = {k: torch.randn(*s, generator=g) * 0.3 for k, s in {
+                    "hada_w1_a": (w.shape[0], r), "hada_w1_b": (r, w.shape[1]),
+                    "hada_w2_a": (w.shape[0], r), "hada_w2_b": (r, w.shape[1])}.items()}
+                sd.update({f"{fname}.{k}": v for k, v in f.items()})
+                updown = (f["hada_w1_a"] @ f["hada_w1_b"]) * (f["hada_w2_a"] @ f["hada_w2_b"])
+            updown = updown * (alpha / r)
+            ones = [1] * (w.ndim - 1)
+            if layout == "col":  # trained magnitudes: the base weight's column (row) norms, moved
+                m = w.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1).reshape(1, w.shape[1], *ones[1:])
+            else:
+                m = w.reshape(w.shape[0], -1).norm(dim=1).reshape(w.shape[0], *ones)
+            m = m * (0.6 + 0.8 * torch.rand(m.shape, generator=g))
+            sd[f"{fname}.alpha"], sd[f"{fname}.dora_scale"] = torch.tensor(alpha), m
+            want[path] = (updown, m)
+        return sd, want
+
+    sd_a, want_a = dora_file(list(targets), 2.0)
+    sd_b, want_b = dora_file([f"{attn}attn1_to_q"], 4.0)
+    a = ours.load_lora(_save(sd_a, tmp_path / "a.safetensors"), weight=(0.7, 0.4))
+    assert sorted(p.dora for p in a.lora.patches) == ["a1111"] * len(targets)
+    ours.load_lora(_save(sd_b, tmp_path / "b.safetensors"), weight=0.5)
+    worst = 0.0
+    for path, (updown, m) in want_a.items():
+        w = originals[path]
+        want = _a1111_dora(w, updown, m, 0.4 if path.startswith("text_encoders") else 0.7)
+        if path in want_b:
+            want = want + _a1111_dora(w, *want_b[path], 0.5) - w
+        got = modules[path].weight.detach()
+        worst = max(worst, (got - want).abs().max().item())
+    assert worst <= 1e-6, f"kohya DoRA weights: max|diff| {worst:.2e} against AUTOMATIC1111's formula"
+    ours.unload_loras()
+    assert all(torch.equal(modules[path].weight, w) for path, w in originals.items())
+    bad = dict(sd_b)
+    bad[f"{attn}attn1_to_q.dora_scale"] = torch.ones(32)
+    with pytest.raises(CheckpointError, match=r"DoRA magnitude \(32,\) does not fit the weight \(32, 32\)"):
+        ours.load_lora(bad)
+    assert ours.loras == []

@@ -358,6 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--model", "-m", metavar="PATH", help="default checkpoint (default: the built-in model)")
     sv.add_argument("--models-dir", metavar="DIR", help="offer every checkpoint in DIR as well")
     sv.add_argument("--lora-dir", metavar="DIR", help="LoRA files for <lora:name:w> prompt tags")
+    sv.add_argument("--embeddings-dir", metavar="DIR", help="textual-inversion embeddings, loaded into every "
+                    "model they fit and used in prompts by file name")
+    sv.add_argument("--controlnet-dir", metavar="DIR", help="ControlNets (files or diffusers folders) for "
+                    "AUTOMATIC1111's alwayson_scripts.controlnet")
     sv.add_argument("--data-dir", metavar="DIR", default="sfumato-data", help="job database and output images "
                     "(default: ./sfumato-data)")
     sv.add_argument("--db", metavar="FILE", help="SQLite job database (default: DATA_DIR/jobs.sqlite3)")
@@ -681,6 +685,8 @@ def _serve(args: argparse.Namespace) -> int:
         model=Path(args.model) if args.model else _builtin_or_none(), data_dir=data,
         models_dir=Path(args.models_dir) if args.models_dir else None,
         lora_dir=Path(args.lora_dir) if args.lora_dir else None, db_path=Path(args.db) if args.db else None,
+        embeddings_dir=Path(args.embeddings_dir) if args.embeddings_dir else None,
+        controlnet_dir=Path(args.controlnet_dir) if args.controlnet_dir else None,
         api_keys=tuple(keys), api_auth=tuple(pairs),
         cors_origins=tuple(o.strip() for o in (args.cors_allow_origins or "").split(",") if o.strip()),
         devices=tuple(_device(d) for d in (args.device or ["auto"])), dtype=args.dtype,
@@ -688,6 +694,10 @@ def _serve(args: argparse.Namespace) -> int:
         limits=Limits(max_image_pixels=args.max_image_pixels, max_output_pixels=args.max_output_pixels))
     if config.model is not None and not config.model.exists():
         raise CheckpointError(f"{config.model}: no such file or folder")
+    for flag, folder in (("--models-dir", config.models_dir), ("--lora-dir", config.lora_dir),
+                         ("--embeddings-dir", config.embeddings_dir), ("--controlnet-dir", config.controlnet_dir)):
+        if folder is not None and not folder.is_dir():
+            raise InvalidParameterError(f"{flag} {folder}: not a folder")
     config.check()
     serve(config)
     return 0

@@ -241,9 +241,7 @@ class Pipeline:
                           "inpaint_full_res": inpaint_full_res, "inpaint_padding": padding})
         experts = {"refiner": refiner, "switch": refiner_switch_at}
         if inpaint_full_res:
-            if addons:
-                raise InvalidParameterError("controlnet with inpaint_full_res is not supported; inpaint the whole image")
-            return _inpaint_full_res(self, p, image, mask, callback, experts)
+            return _inpaint_full_res(self, p, image, mask, callback, experts, addons)
         return run_experts(self, p, **experts, image=image, mask=mask, callback=callback, **addons)
 
     def outpaint(self, image: Image.Image, prompt: str = "", negative_prompt: str = "", *, left: int = 0,
@@ -439,26 +437,44 @@ def _control_residuals(hints: list | None, state: dict, xs: torch.Tensor, ts: to
     for unit, hint in hints:
         if i / steps < unit.start or (i + 1) / steps > unit.end or unit.weight == 0:
             continue
-        if guess_mode and use_uncond:  # the conditional rows only; zeros for the negative
+        cond_only = (guess_mode or unit.mode == "control") and use_uncond
+        if cond_only:  # the conditional rows only; zeros for the negative
             rows = slice(b, None)
             res = unit.model(xs[rows], hint.expand(xs.shape[0] - b, -1, -1, -1), ts[rows], context[rows],
                              None if y is None else y[rows])
-            scales = torch.logspace(-1, 0, len(res)).tolist()
-            res = [torch.cat([torch.zeros_like(r[:b]), r * s * unit.weight]) for r, s in zip(res, scales)]
         else:
             res = unit.model(xs, hint.expand(xs.shape[0], -1, -1, -1), ts, context, y)
-            scales = torch.logspace(-1, 0, len(res)).tolist() if guess_mode else [1.0] * len(res)
-            res = [r * s * unit.weight for r, s in zip(res, scales)]
+        scales = _control_scales(len(res), guess_mode, unit.mode)
+        res = [r * s * unit.weight for r, s in zip(res, scales)]
+        if cond_only:
+            res = [torch.cat([torch.zeros_like(r[:b]), r]) for r in res]
         total = res if total is None else [a + r for a, r in zip(total, res)]
     return total
+
+
+def _control_scales(n: int, guess_mode: bool, mode: str) -> list[float]:
+    """Per-residual scales (skips first, middle block last): diffusers' guess mode 0.1 -> 1 log-spaced; the
+    AUTOMATIC1111 extension's soft injection ("prompt" and "control" modes) 0.825 ** (n - 1 - i)."""
+    if guess_mode:
+        return torch.logspace(-1, 0, n).tolist()
+    if mode != "balanced":
+        return [0.825 ** float(n - 1 - i) for i in range(n)]
+    return [1.0] * n
+
+
+_MODE_LABELS = {"balanced": "Balanced", "prompt": "My prompt is more important",
+                "control": "ControlNet is more important"}
+_RESIZE_LABELS = {"stretch": "Just Resize", "crop": "Crop and Resize", "fill": "Resize and Fill"}
 
 
 def _control_fields(controls: list | None, guess_mode: bool) -> dict[str, Any]:
     """The ControlNet extension's infotext fields: ``ControlNet N: "Model: ..., Weight: ..., ..."``."""
     out: dict[str, Any] = {}
     for k, u in enumerate(controls or []):
-        out[f"ControlNet {k}"] = (f"Model: {u.name}, Weight: {u.weight:g}, Guidance Start: {u.start:g}, "
-                                  f"Guidance End: {u.end:g}" + (", Control Mode: Guess" if guess_mode else ""))
+        mode = "Guess" if guess_mode else _MODE_LABELS[u.mode]
+        out[f"ControlNet {k}"] = (f"Module: {u.module}, Model: {u.name}, Weight: {u.weight:g}, Resize Mode: "
+                                  f"{_RESIZE_LABELS[u.resize]}, Guidance Start: {u.start:g}, Guidance End: {u.end:g}, "
+                                  f"Control Mode: {mode}")
     return out
 
 
@@ -649,7 +665,8 @@ def run(pipe: Pipeline, p: GenerationParams, *, image: Image.Image | None = None
         if controls:
             from sfumato.adapters.controlnet import control_tensor
 
-            hints = [(u, control_tensor(u.image, p.width, p.height).to(pipe.device, pipe.dtype)) for u in controls]
+            hints = [(u, control_tensor(u.image, p.width, p.height, u.resize).to(pipe.device, pipe.dtype))
+                     for u in controls]
         den = make_denoiser(guided_model(pipe, conds, p, state, concat, hints, guess_mode), discrete,
                             spec.prediction)
         blend_mask = lmask.to(pipe.device) if blend else None
@@ -789,16 +806,24 @@ def _result(pipe: Pipeline, p: GenerationParams, images: list[Image.Image], seed
 
 
 def _inpaint_full_res(pipe: Pipeline, p: GenerationParams, image: Image.Image, mask: Image.Image,
-                      callback: Callable | None, experts: dict[str, Any]) -> GenerationResult:
+                      callback: Callable | None, experts: dict[str, Any],
+                      addons: dict[str, Any] | None = None) -> GenerationResult:
     """AUTOMATIC1111's "inpaint at full resolution": inpaint the mask's region at the output size, then
-    paste it back into the untouched original through the (blurred) mask."""
+    paste it back into the untouched original through the (blurred) mask. Control images are fitted to the
+    input image and cropped to the same region."""
     box = imageops.mask_bbox(mask, p.inpaint_padding, p.width, p.height)
     if box is None:
         raise InvalidParameterError("the mask is empty (all black): nothing to inpaint")
     crop, crop_mask = image.crop(box), mask.crop(box)
+    if addons:
+        from sfumato.adapters.controlnet import fit_image
+
+        addons = {**addons, "controls": [
+            dataclasses.replace(u, image=fit_image(u.image, image.width, image.height, u.resize).crop(box),
+                                resize="stretch") for u in addons["controls"]]}
     res = run_experts(pipe, p, **experts,  # run() does not read the flag; the infotext records it
                       image=crop.resize((p.width, p.height), Image.LANCZOS),
-                      mask=crop_mask.resize((p.width, p.height), Image.LANCZOS), callback=callback)
+                      mask=crop_mask.resize((p.width, p.height), Image.LANCZOS), callback=callback, **(addons or {}))
     paste_mask = mask.convert("L")
     if p.mask_blur > 0:
         paste_mask = paste_mask.filter(imageops.ImageFilter.GaussianBlur(p.mask_blur))

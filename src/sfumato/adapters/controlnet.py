@@ -11,7 +11,16 @@ cross-attention width says which) is refused by name.
 A :class:`ControlUnit` is one ControlNet with its control image, weight and the fraction of the steps it
 acts on (``start``..``end``); several units add their residuals. Guess mode (diffusers' ``guess_mode``)
 feeds the ControlNet the conditional half of the guidance batch only, its residuals scaled from 0.1 at
-the first skip to 1 at the middle block.
+the first skip to 1 at the middle block. A unit's ``mode`` is the AUTOMATIC1111 ControlNet extension's
+"Control Mode": "balanced" (plain residuals), "prompt" ("My prompt is more important": residual ``i`` of
+``n`` scaled by ``0.825 ** (n - 1 - i)``, the extension's soft injection) and "control" ("ControlNet is
+more important": the same scales, applied to the conditional rows of the guidance batch only).
+
+Control images are fitted to the output size by ``resize``: "stretch" (diffusers; the extension's "Just
+Resize"), "crop" ("Crop and Resize": scaled to cover, centre-cropped) or "fill" ("Resize and Fill":
+scaled to fit, the border filled with black). :data:`PREPROCESSORS` turns a photo into a control image
+where that needs no network (canny edges, inversion); depth, pose, lineart or scribble maps come in as
+images made elsewhere.
 """
 
 from __future__ import annotations
@@ -29,9 +38,12 @@ from sfumato.config import UNetConfig
 from sfumato.errors import CheckpointError, InvalidParameterError
 from sfumato.models.controlnet import ControlNetConfig, ControlNetModel
 
-__all__ = ["ControlUnit", "load_controlnet", "canny", "control_tensor"]
+__all__ = ["ControlUnit", "load_controlnet", "canny", "control_tensor", "CONTROL_MODES", "RESIZE_MODES",
+           "PREPROCESSORS", "preprocess"]
 
 _PREFIX = "control_model."
+CONTROL_MODES = ("balanced", "prompt", "control")
+RESIZE_MODES = ("stretch", "crop", "fill")
 
 
 @dataclass
@@ -45,6 +57,9 @@ class ControlUnit:
     start: float = 0.0
     end: float = 1.0
     name: str = "controlnet"
+    mode: str = "balanced"  # CONTROL_MODES
+    resize: str = "stretch"  # RESIZE_MODES
+    module: str = "none"  # the preprocessor that made ``image``, recorded in the infotext
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, ControlNetModel):
@@ -57,6 +72,9 @@ class ControlUnit:
                 raise InvalidParameterError(f"ControlUnit.{field_}={v!r} is out of range: allowed [{lo}, {hi}]")
         if self.start >= self.end:
             raise InvalidParameterError(f"ControlUnit: start {self.start} must be below end {self.end}")
+        for field_, v, allowed in (("mode", self.mode, CONTROL_MODES), ("resize", self.resize, RESIZE_MODES)):
+            if v not in allowed:
+                raise InvalidParameterError(f"ControlUnit.{field_}={v!r} is not one of {', '.join(allowed)}")
 
 
 # --- loading ----------------------------------------------------------------------------------------------
@@ -138,12 +156,57 @@ def load_controlnet(path: str | os.PathLike, base: UNetConfig, *, dtype: torch.d
 
 # --- control images -------------------------------------------------------------------------------------
 
-def control_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
-    """(1, 3, H, W) in [0, 1], resized to the output size as diffusers' ``prepare_image`` does (bicubic...)."""
+def fit_image(image: Image.Image, width: int, height: int, resize: str = "stretch") -> Image.Image:
+    """``image`` (RGB) at ``width`` x ``height`` by a :data:`RESIZE_MODES` rule (Lanczos resampling)."""
     im = image.convert("RGB")
-    if im.size != (width, height):
-        im = im.resize((width, height), Image.Resampling.LANCZOS)
+    if im.size == (width, height):
+        return im
+    if resize == "stretch":
+        return im.resize((width, height), Image.Resampling.LANCZOS)
+    cover = resize == "crop"
+    scale = (max if cover else min)(width / im.width, height / im.height)
+    w, h = max(1, round(im.width * scale)), max(1, round(im.height * scale))
+    scaled = im.resize((w, h), Image.Resampling.LANCZOS)
+    if cover:
+        left, top = (w - width) // 2, (h - height) // 2
+        return scaled.crop((left, top, left + width, top + height))
+    out = Image.new("RGB", (width, height))
+    out.paste(scaled, ((width - w) // 2, (height - h) // 2))
+    return out
+
+
+def control_tensor(image: Image.Image, width: int, height: int, resize: str = "stretch") -> torch.Tensor:
+    """(1, 3, H, W) in [0, 1] at the output size; "stretch" resizes as diffusers' ``prepare_image`` does."""
+    im = fit_image(image, width, height, resize)
     return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+
+
+def _invert(image: Image.Image, _low: float, _high: float) -> Image.Image:
+    return Image.fromarray(255 - np.asarray(image.convert("RGB")))
+
+
+def _none(image: Image.Image, _low: float, _high: float) -> Image.Image:
+    return image.convert("RGB")
+
+
+def _canny(image: Image.Image, low: float, high: float) -> Image.Image:
+    return canny(image, int(low), int(high))
+
+
+# name -> (image, threshold a, threshold b) -> control image; the names and the thresholds' defaults are the
+# AUTOMATIC1111 ControlNet extension's (canny: low 100, high 200)
+PREPROCESSORS = {"none": (_none, None, None), "canny": (_canny, 100, 200), "invert": (_invert, None, None)}
+
+
+def preprocess(image: Image.Image, module: str = "none", threshold_a: float | None = None,
+               threshold_b: float | None = None) -> Image.Image:
+    """A photo -> the control image a ControlNet expects, by a :data:`PREPROCESSORS` name."""
+    if module not in PREPROCESSORS:
+        raise InvalidParameterError(f"ControlNet preprocessor {module!r} is not available; available: "
+                                    f"{', '.join(PREPROCESSORS)} (send a depth, pose, lineart or scribble map "
+                                    "made elsewhere as the image, with module 'none')")
+    fn, a, b = PREPROCESSORS[module]
+    return fn(image, a if threshold_a is None else threshold_a, b if threshold_b is None else threshold_b)
 
 
 def canny(image: Image.Image, low: int = 100, high: int = 200) -> Image.Image:

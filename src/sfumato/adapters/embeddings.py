@@ -32,7 +32,8 @@ from sfumato.errors import CheckpointError, InvalidParameterError
 if TYPE_CHECKING:
     from sfumato.pipeline import Pipeline
 
-__all__ = ["Embedding", "read_embedding", "load_embedding", "unload_embeddings"]
+__all__ = ["Embedding", "read_embedding", "fit_embedding", "load_embedding", "unload_embeddings", "load_embedding_dir",
+           "embedding_files", "survey_embeddings"]
 
 _WIDTH_FAMILY = {768: "SD 1.x (CLIP ViT-L/14)", 1024: "SD 2.x (OpenCLIP ViT-H/14)", 1280: "SDXL's OpenCLIP bigG"}
 
@@ -98,6 +99,29 @@ def _token_table(encoder: nn.Module) -> nn.Embedding:
     return encoder.text_model.embeddings.token_embedding
 
 
+def fit_embedding(found: dict[str, Tensor], widths: list[int], family: str, path: Path) -> list[Tensor]:
+    """The vectors of :func:`read_embedding`'s ``found`` per text encoder of a model whose encoders have
+    ``widths`` (token-embedding widths); raises naming what the file was made for when it does not fit."""
+    if "" in found:
+        if len(widths) != 1:
+            raise InvalidParameterError(f"{path}: a one-encoder embedding ({_describe(found[''])}) cannot serve "
+                                        f"this {family} model's {len(widths)} text encoders "
+                                        f"(it needs a clip_l / clip_g pair)")
+        vectors = [found[""]]
+    else:
+        if len(widths) != 2:
+            raise InvalidParameterError(f"{path}: an SDXL clip_l/clip_g embedding does not fit this "
+                                        f"{family} model ({len(widths)} text encoder)")
+        vectors = [found["clip_l"], found["clip_g"]]
+    for i, (v, w) in enumerate(zip(vectors, widths)):
+        if v.shape[1] != w:
+            raise InvalidParameterError(f"{path}: embedding width {v.shape[1]} (made for {_describe(v)}) does "
+                                        f"not fit text encoder {i} of this {family} model (width {w})")
+    if len({v.shape[0] for v in vectors}) != 1:
+        raise CheckpointError(f"{path}: clip_l and clip_g hold different numbers of vectors")
+    return vectors
+
+
 def load_embedding(pipe: Pipeline, path: str | os.PathLike, token: str | None = None) -> Embedding:
     """Read an embedding file and make ``token`` (default: the file stem or the diffusers file's token)
     usable in ``pipe``'s prompts."""
@@ -105,24 +129,7 @@ def load_embedding(pipe: Pipeline, path: str | os.PathLike, token: str | None = 
     found, named = read_embedding(path)
     token = token or named or path.stem
     encoders = pipe.text_encoders
-    widths = [_token_table(e).weight.shape[1] for e in encoders]
-    if "" in found:
-        if len(encoders) != 1:
-            raise InvalidParameterError(f"{path}: a one-encoder embedding ({_describe(found[''])}) cannot serve "
-                                        f"this {pipe.spec.family} model's {len(encoders)} text encoders "
-                                        f"(it needs a clip_l / clip_g pair)")
-        vectors = [found[""]]
-    else:
-        if len(encoders) != 2:
-            raise InvalidParameterError(f"{path}: an SDXL clip_l/clip_g embedding does not fit this "
-                                        f"{pipe.spec.family} model ({len(encoders)} text encoder)")
-        vectors = [found["clip_l"], found["clip_g"]]
-    for i, (v, w) in enumerate(zip(vectors, widths)):
-        if v.shape[1] != w:
-            raise InvalidParameterError(f"{path}: embedding width {v.shape[1]} (made for {_describe(v)}) does "
-                                        f"not fit text encoder {i} of this {pipe.spec.family} model (width {w})")
-    if len({v.shape[0] for v in vectors}) != 1:
-        raise CheckpointError(f"{path}: clip_l and clip_g hold different numbers of vectors")
+    vectors = fit_embedding(found, [_token_table(e).weight.shape[1] for e in encoders], pipe.spec.family, path)
     state = _state(pipe)
     if state.tokenizer is None:
         state.tokenizer = pipe.tokenizer
@@ -171,13 +178,40 @@ def used_embeddings(pipe: Pipeline, prompts: list[str]) -> list[Embedding]:
 EMBEDDING_EXTENSIONS = (".pt", ".safetensors", ".bin")
 
 
+def embedding_files(folder: str | os.PathLike | None) -> list[Path]:
+    """Embedding files under ``folder`` (recursively, sorted), as :func:`load_embedding_dir` reads them."""
+    if folder is None or not Path(folder).is_dir():
+        return []
+    return [p for p in sorted(Path(folder).rglob("*")) if p.is_file() and p.suffix.lower() in EMBEDDING_EXTENSIONS]
+
+
+def survey_embeddings(folder: str | os.PathLike | None, widths: list[int], family: str) -> tuple[dict, dict]:
+    """AUTOMATIC1111's ``/sdapi/v1/embeddings`` answer for a model with text-encoder ``widths``, without
+    loading it: {"loaded": {name: info}, "skipped": {name: info}}, info = {"step", "sd_checkpoint",
+    "sd_checkpoint_name", "shape" (width), "vectors"}; a file that is no embedding is left out."""
+    loaded, skipped = {}, {}
+    for path in embedding_files(folder):
+        try:
+            found, _ = read_embedding(path)
+        except CheckpointError:
+            continue
+        first = next(iter(found.values()))
+        info = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": int(first.shape[1]),
+                "vectors": int(first.shape[0])}
+        try:
+            fit_embedding(found, widths, family, path)
+        except (CheckpointError, InvalidParameterError):
+            skipped[path.stem] = info
+        else:
+            loaded[path.stem] = info
+    return loaded, skipped
+
+
 def load_embedding_dir(pipe: Pipeline, folder: str | os.PathLike) -> tuple[list[Embedding], dict[str, str]]:
     """Load every embedding file under ``folder`` that fits ``pipe`` (as AUTOMATIC1111 does at start-up):
     the loaded ones, and {file name: why} for those skipped (another family's width, not an embedding)."""
     loaded, skipped = [], {}
-    for path in sorted(Path(folder).rglob("*")):
-        if not path.is_file() or path.suffix.lower() not in EMBEDDING_EXTENSIONS:
-            continue
+    for path in embedding_files(folder):
         try:
             loaded.append(load_embedding(pipe, path))
         except (CheckpointError, InvalidParameterError) as e:

@@ -1,4 +1,5 @@
-"""LoRA add-ons as published: kohya / AUTOMATIC1111 files, diffusers / PEFT files, LyCORIS LoHa / LoKr / full diff.
+"""LoRA add-ons as published: kohya / AUTOMATIC1111 files, diffusers / PEFT files, LyCORIS LoHa / LoKr / full diff,
+DoRA in both layouts.
 
 A LoRA adds ``weight * alpha / rank * up @ down`` to a Linear or Conv2d weight (Hu et al. 2021; conv
 LoRA, kohya's "LoCon", has a k x k ``down`` conv and a 1x1 ``up``). Formats, by key:
@@ -10,6 +11,26 @@ LoRA, kohya's "LoCon", has a k x k ``down`` conv and a 1x1 ``up``). Formats, by 
   the rank, a scale of 1). Module names are dotted paths with ``.`` written as ``_``.
 - diffusers / PEFT: ``unet.<diffusers module>.lora_A.weight`` / ``.lora_B.weight``, ``text_encoder.`` and
   ``text_encoder_2.`` prefixes (optionally ``base_model.model.`` inside), an optional ``.alpha``.
+
+DoRA (weight-decomposed LoRA, Liu et al. 2024) adds a magnitude per row or column: the weight becomes
+``m * W' / ||W'||`` for the merged ``W' = W + update`` (:func:`weight_decompose`). The two layouts put the
+user's weight ``w`` in different places, and each follows its own reference:
+
+- kohya / LyCORIS ``.dora_scale`` (LyCORIS ``weight_decompose``, with any of LoRA, LoHa, LoKr, full):
+  AUTOMATIC1111's ``network.py`` ``apply_weight_decompose``: ``w * (m * (W + s*delta) / ||W + s*delta|| - W)``,
+  ``s = alpha / rank``, the norm per input column when ``dora_scale`` is ``(1, in, ...)`` (LyCORIS's first
+  layout, the only one AUTOMATIC1111 reads) and per output row when it is ``(out, 1, ...)`` (LyCORIS
+  ``wd_on_out``, normed as LyCORIS's own ``apply_weight_decompose`` does). diffusers' SD / SDXL
+  ``load_lora_weights`` drops ``dora_scale`` (with a warning) and applies such a file as a plain LoRA, so
+  AUTOMATIC1111 is the reference here.
+- PEFT ``.lora_magnitude_vector`` (``use_dora=True``; ``(out,)``, ``(1, out, 1, 1)`` for convs): PEFT's
+  ``DoraLinearLayer`` / ``DoraConv2dLayer`` as diffusers loads them, ``m * (W + w*s*BA) / ||W + w*s*BA||`` with
+  the norm per output row (``w`` scales the update inside the norm, as ``set_adapters`` sets PEFT's scaling).
+  A weight of 0 turns the file off here, where PEFT would still rescale ``W`` to ``m``.
+
+Each DoRA update is computed from the original weight, so several stacked DoRA files do not depend on their
+order (PEFT's rule; AUTOMATIC1111 feeds each network the weight the previous one left). Tucker-decomposed
+LyCORIS files (``hada_t1``/``hada_t2``, ``lokr_t2``, ``lora_mid``) are refused.
 
 Every key must name a module of the loaded model (unmatched keys are an error that lists them), every
 delta must have its weight's shape, and a LoRA made for another family (its cross-attention or text width
@@ -45,10 +66,11 @@ LORA_EXTENSIONS = (".safetensors", ".pt", ".ckpt", ".bin")
 _KOHYA = re.compile(r"(lora_unet|lora_te[12]?)_(.+?)\.(lora_down\.weight|lora_up\.weight|alpha|hada_w[12]_[ab]|"
                     r"lokr_w[12](?:_[ab])?|diff|diff_b|hada_t[12]|lokr_t2|lora_mid\.weight|dora_scale)")
 _PEFT = re.compile(r"(unet|text_encoder|text_encoder_2)\.(?:base_model\.model\.)?(.+)\.(lora_A\.weight|lora_B\.weight|"
-                   r"lora\.down\.weight|lora\.up\.weight|alpha)")
+                   r"lora\.down\.weight|lora\.up\.weight|alpha|lora_magnitude_vector(?:\.weight)?)")
 _PART = {"lora_down.weight": "down", "lora_A.weight": "down", "lora.down.weight": "down",
-         "lora_up.weight": "up", "lora_B.weight": "up", "lora.up.weight": "up"}
-_UNSUPPORTED = {"hada_t1", "hada_t2", "lokr_t2", "lora_mid.weight", "dora_scale"}
+         "lora_up.weight": "up", "lora_B.weight": "up", "lora.up.weight": "up",
+         "lora_magnitude_vector": "magnitude", "lora_magnitude_vector.weight": "magnitude"}
+_UNSUPPORTED = {"hada_t1", "hada_t2", "lokr_t2", "lora_mid.weight"}
 # cross-attention width -> the family a UNet LoRA was made for, for the refusal message
 _CONTEXT_FAMILY = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL", 1280: "the SDXL refiner"}
 
@@ -57,7 +79,8 @@ _CONTEXT_FAMILY = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL", 1280: "the SDXL 
 class LoraPatch:
     """One module's update: ``module`` is a path below ``Pipeline`` ("unet.input_blocks.1.1...",
     "text_encoders.0.text_model...."), ``attr`` "weight" or "bias", ``part`` "unet" or "te" (which weight
-    of a pair scales it), ``kind`` the formula over ``factors`` (:meth:`delta`)."""
+    of a pair scales it), ``kind`` the formula over ``factors`` (:meth:`delta`); with DoRA, ``magnitude``
+    shaped ``(out, 1, ...)`` or ``(1, in, ...)`` and ``dora`` where the user's weight goes (:meth:`update`)."""
 
     module: str
     part: str
@@ -65,6 +88,8 @@ class LoraPatch:
     factors: dict[str, Tensor]
     alpha: float | None
     attr: str = "weight"
+    magnitude: Tensor | None = None
+    dora: str | None = None  # "a1111": w scales the finished update; "peft": w scales delta inside the norm
 
     @property
     def rank(self) -> int | None:
@@ -102,6 +127,37 @@ class LoraPatch:
         rank = self.rank if self.kind != "lora" else f["down"].shape[0]
         scale = self.alpha / rank if (self.alpha is not None and rank) else 1.0
         return d.reshape(shape) * scale
+
+    def update(self, original: Tensor, weight: float) -> Tensor:
+        """What the user's ``weight`` adds to ``original`` (fp32, on its device): ``weight * delta``; with
+        DoRA ``weight * (decompose(W + delta) - W)`` (AUTOMATIC1111) or ``decompose(W + weight * delta) - W``
+        (PEFT), ``W`` the original in fp32."""
+        d = self.delta(original.shape).to(original.device)
+        if self.magnitude is None:
+            return d * weight
+        w0 = original.float()
+        m = self.magnitude.float().to(original.device)
+        if self.dora == "peft":
+            return weight_decompose(w0 + weight * d, m) - w0
+        return (weight_decompose(w0 + d, m) - w0) * weight
+
+
+def weight_decompose(w: Tensor, magnitude: Tensor) -> Tensor:
+    """DoRA's reparametrisation (Liu et al. 2024): ``magnitude * w / ||w||``, the norm per output row for a
+    ``magnitude`` shaped ``(out, 1, ...)``, per input column (over outputs and kernel taps) for ``(1, in, ...)``."""
+    dims = tuple(i for i in range(w.ndim) if magnitude.shape[i] == 1)
+    return w * (magnitude / torch.linalg.vector_norm(w, dim=dims, keepdim=True))
+
+
+def _dora_magnitude(m: Tensor, shape: torch.Size, peft: bool) -> Tensor | None:
+    """A file's DoRA magnitude in the broadcast shape :func:`weight_decompose` reads, or None if it does not fit
+    ``shape``: PEFT's ``(out,)`` / ``(1, out, 1, 1)`` become ``(out, 1, ...)``; LyCORIS's ``dora_scale`` must
+    already be ``(out, 1, ...)`` or ``(1, in, ...)`` (with ``out == in`` its shape still says which)."""
+    ones = (1,) * (len(shape) - 1)
+    if peft:
+        return m.reshape(shape[0], *ones) if m.numel() == shape[0] else None
+    rows, cols = (shape[0], *ones), (1, shape[1], *ones[1:])
+    return m if tuple(m.shape) in (rows, cols) else None
 
 
 @dataclass
@@ -185,8 +241,9 @@ def _module_names(pipe: Pipeline) -> dict[str, str]:
 
 
 def _group(tensors: Mapping[str, Tensor], source: str) -> dict[str, dict[str, Tensor]]:
-    """{file module name: {part: tensor}} (parts "down", "up", "alpha", "hada_w1_a", "lokr_w1", "diff"...);
-    keys of no known format are an error, and so are the LyCORIS variants sfumato does not apply."""
+    """{file module name: {part: tensor}} (parts "down", "up", "alpha", "hada_w1_a", "lokr_w1", "diff",
+    "dora_scale", "magnitude"...); keys of no known format are an error, and so are the Tucker-decomposed
+    LyCORIS variants sfumato does not apply."""
     groups: dict[str, dict[str, Tensor]] = {}
     unknown, unsupported = [], []
     for key, t in tensors.items():
@@ -203,7 +260,8 @@ def _group(tensors: Mapping[str, Tensor], source: str) -> dict[str, dict[str, Te
         unknown.append(key)
     if unsupported:
         raise CheckpointError(f"{source}: {len(unsupported)} key(s) of LyCORIS variants sfumato does not apply "
-                              f"(Tucker-decomposed LoHa/LoKr/LoCon, DoRA): {', '.join(sorted(unsupported)[:8])}")
+                              f"(Tucker-decomposed LoHa/LoKr/LoCon: hada_t1/hada_t2, lokr_t2, lora_mid): "
+                              f"{', '.join(sorted(unsupported)[:8])}")
     if unknown:
         raise CheckpointError(f"{source}: {len(unknown)} key(s) of no LoRA format sfumato reads: "
                               f"{', '.join(sorted(unknown)[:8])}{' ...' if len(unknown) > 8 else ''}")
@@ -249,21 +307,31 @@ def read_lora(pipe: Pipeline, source: str | os.PathLike | Mapping[str, Tensor], 
             continue
         part = "unet" if target.startswith("unet.") else "te"
         alpha = float(parts.pop("alpha")) if "alpha" in parts else None
+        scale, peft_m = parts.pop("dora_scale", None), parts.pop("magnitude", None)
         kind = _kind(parts)
         if kind is None:
             problems.append(f"{fname}: an incomplete or mixed set of weights ({', '.join(sorted(parts))})")
             continue
         module = modules[target]
         bias = parts.pop("diff_b", None)
-        patch = LoraPatch(target, part, kind, parts, alpha)
+        shape = module.weight.shape
+        dora = None if scale is None and peft_m is None else "a1111" if scale is not None else "peft"
+        magnitude = None
+        if dora is not None:
+            found = scale if scale is not None else peft_m
+            magnitude = _dora_magnitude(found, shape, peft=dora == "peft")
+            if magnitude is None:
+                problems.append(f"{fname}: DoRA magnitude {tuple(found.shape)} does not fit the weight {tuple(shape)}")
+                continue
+        patch = LoraPatch(target, part, kind, parts, alpha, magnitude=magnitude, dora=dora)
         try:
-            fits = tuple(patch.delta(module.weight.shape).shape) == tuple(module.weight.shape)
+            fits = tuple(patch.delta(shape).shape) == tuple(shape)
         except RuntimeError:
             fits = False
         if not fits or (kind == "lora" and parts["down"].ndim == 4 and module.weight.ndim == 4
-                        and parts["down"].shape[2:] != module.weight.shape[2:]):
+                        and parts["down"].shape[2:] != shape[2:]):
             shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in sorted(parts.items()))
-            problems.append(f"{fname}: {shapes} does not fit the weight {tuple(module.weight.shape)}")
+            problems.append(f"{fname}: {shapes} does not fit the weight {tuple(shape)}")
             continue
         patches.append(patch)
         if bias is not None:
@@ -310,8 +378,9 @@ def _state(pipe: Pipeline) -> LoraState:
 
 
 def _rebuild(pipe: Pipeline, targets: Iterable[tuple[str, str]], modules: Mapping[str, nn.Module]) -> None:
-    """Set each (module, attr) in ``targets`` to its original + the deltas of every loaded handle (in load
-    order, summed in fp32); a target no handle touches any more gets its original tensor back."""
+    """Set each (module, attr) in ``targets`` to its original + the updates of every loaded handle (in load
+    order, each from the original, summed in fp32); a target no handle touches any more gets its original
+    tensor back."""
     state = _state(pipe)
     targets = set(targets)
     touching: dict[tuple[str, str], list[tuple[LoraHandle, LoraPatch]]] = {t: [] for t in targets}
@@ -326,7 +395,7 @@ def _rebuild(pipe: Pipeline, targets: Iterable[tuple[str, str]], modules: Mappin
         for h, p in found:
             w = h.unet_weight if p.part == "unet" else h.te_weight
             if w != 0.0:
-                d = p.delta(original.shape) * w
+                d = p.update(original, w)
                 total = d if total is None else total + d
         if total is None:
             setattr(module, attr, nn.Parameter(original, requires_grad=False))

@@ -11,6 +11,12 @@ valid names), undecodable base64 or image data ``RequestError(400)``, an image o
 Fields sfumato has no feature for (``restore_faces``, ``tiling``, ``styles``, scripts, ``resize_mode``
 other than 0 "Just resize", ``image_cfg_scale``, ``initial_noise_multiplier``) are accepted and ignored,
 as the web UI ignores what an absent extension would have read.
+
+``alwayson_scripts.controlnet.args`` is read as the sd-webui-controlnet extension's API reads it (one
+object per unit: ``image`` / ``input_image``, ``module``, ``model``, ``weight``, ``guidance_start``,
+``guidance_end``, ``control_mode``, ``resize_mode``, ``threshold_a`` / ``threshold_b``, ``enabled``);
+``processor_res``, ``pixel_perfect`` and ``low_vram`` are accepted and ignored (preprocessors run at the
+image's own size). A unit without an image takes the img2img init image, as the extension does.
 """
 
 from __future__ import annotations
@@ -93,6 +99,32 @@ class Hires:
     negative_prompt: str
 
 
+@dataclass(frozen=True)
+class ControlRequest:
+    """One ControlNet unit of a request, checked; the worker loads ``model`` and preprocesses ``image``."""
+
+    model: str  # a ControlNet name (the extension's "name [hash]" title also matches)
+    image: Image.Image
+    module: str = "none"
+    weight: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    mode: str = "balanced"  # sfumato.adapters.controlnet.CONTROL_MODES
+    resize: str = "crop"  # the extension's default, "Crop and Resize"
+    threshold_a: float | None = None
+    threshold_b: float | None = None
+
+
+# the extension's enums, by index and by label
+CONTROL_MODE_NAMES = {"Balanced": "balanced", "My prompt is more important": "prompt",
+                      "ControlNet is more important": "control"}
+RESIZE_MODE_NAMES = {"Just Resize": "stretch", "Crop and Resize": "crop", "Resize and Fill": "fill"}
+_UNIT_FIELDS = {"enabled", "image", "input_image", "mask", "module", "model", "weight", "guidance_start",
+                "guidance_end", "guidance", "control_mode", "resize_mode", "threshold_a", "threshold_b",
+                "processor_res", "pixel_perfect", "low_vram", "guessmode", "lowvram", "save_detected_map",
+                "hr_option", "is_ui", "batch_images", "input_mode", "effective_region_mask", "inpaint_crop_input_image"}
+
+
 @dataclass
 class Task:
     """One request, checked and ready for a worker. ``params.seed`` is resolved (never -1)."""
@@ -109,6 +141,7 @@ class Task:
     save: bool = False
     send_images: bool = True
     echo: dict[str, Any] = field(default_factory=dict)  # the request with defaults, as "parameters"
+    controls: list[ControlRequest] = field(default_factory=list)
 
 
 def decode_image(data: Any, field_name: str, limits: Limits) -> Image.Image:
@@ -248,6 +281,7 @@ def parse(kind: str, body: Any, options: dict[str, Any], limits: Limits) -> Task
         task.refiner_switch_at = float(switch)
     if kind == "txt2img" and req["enable_hr"]:
         task.hires = _hires(req, p, limits)
+    task.controls = _controlnet_units(req["alwayson_scripts"], task, limits)
     echo = dict(req)
     if kind == "img2img" and not req["include_init_images"]:
         echo["init_images"] = None
@@ -278,6 +312,86 @@ def _img2img_fields(req: dict, task: Task, limits: Limits) -> dict[str, Any]:
         kw.update(mask_blur=blur, inpaint_fill=INPAINT_FILLS[fill],
                   inpaint_full_res=bool(req["inpaint_full_res"]), inpaint_padding=req["inpaint_full_res_padding"])
     return kw
+
+
+def _enum(unit: dict, name: str, value: Any, table: dict[str, str], where: str) -> str:
+    labels = list(table)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(labels):
+        return table[labels[value]]
+    if isinstance(value, str):
+        for label, ours in table.items():
+            if value.lower() in (label.lower(), ours):
+                return ours
+    raise InvalidParameterError(f"{where}.{name}={value!r} is not one of " +
+                                ", ".join(f"{i} {label!r}" for i, label in enumerate(labels)))
+
+
+def _controlnet_units(scripts: Any, task: Task, limits: Limits) -> list[ControlRequest]:
+    """``alwayson_scripts["controlnet"]["args"]`` (the key in any case) -> checked units; disabled ones
+    and units whose model is "None" are skipped, as the extension skips them."""
+    if not scripts:
+        return []
+    if not isinstance(scripts, dict):
+        raise InvalidParameterError("alwayson_scripts must be an object of script names to {\"args\": [...]}")
+    entry = next((v for k, v in scripts.items() if str(k).lower() == "controlnet"), None)
+    if entry is None:
+        return []
+    args = entry.get("args") if isinstance(entry, dict) else None
+    if not isinstance(args, list):
+        raise InvalidParameterError("alwayson_scripts.controlnet.args must be a list of unit objects")
+    from sfumato.adapters.controlnet import PREPROCESSORS
+
+    units = []
+    for i, unit in enumerate(args):
+        where = f"alwayson_scripts.controlnet.args[{i}]"
+        if not isinstance(unit, dict):
+            raise InvalidParameterError(f"{where} must be an object")
+        if not unit.get("enabled", True) or unit.get("model") in (None, "", "None", "none"):
+            continue
+        unknown = sorted(set(unit) - _UNIT_FIELDS)
+        if unknown:
+            raise InvalidParameterError(f"{where}: unknown field(s) {', '.join(unknown)}")
+        if not isinstance(unit["model"], str):
+            raise InvalidParameterError(f"{where}.model must be a ControlNet name")
+        raw = unit.get("image", unit.get("input_image"))
+        if isinstance(raw, dict):  # {"image": b64, "mask": b64}: the UI's sketch pad
+            raw = raw.get("image")
+        if raw in (None, ""):
+            if task.image is None:
+                raise InvalidParameterError(f"{where} has no image (txt2img needs one per ControlNet unit)")
+            image = task.image
+        else:
+            image = decode_image(raw, f"{where}.image", limits)
+        module = unit.get("module") or "none"
+        if module not in PREPROCESSORS:
+            raise UnknownNameError(f"{where}.module {module!r} is not available; available: "
+                                   f"{', '.join(PREPROCESSORS)} (send a depth, pose, lineart or scribble map made "
+                                   "elsewhere as the image, with module 'none')")
+        vals = {}
+        for name, default, lo, hi in (("weight", 1.0, 0.0, 10.0), ("guidance_start", 0.0, 0.0, 1.0),
+                                      ("guidance_end", 1.0, 0.0, 1.0)):
+            v = unit.get(name, default)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
+                raise InvalidParameterError(f"{where}.{name}={v!r} is out of range: allowed [{lo}, {hi}]")
+            vals[name] = float(v)
+        if vals["guidance_start"] >= vals["guidance_end"]:
+            raise InvalidParameterError(f"{where}: guidance_start {vals['guidance_start']:g} must be below "
+                                        f"guidance_end {vals['guidance_end']:g}")
+        thresholds = []
+        for name in ("threshold_a", "threshold_b"):
+            v = unit.get(name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise InvalidParameterError(f"{where}.{name}={v!r} must be a number")
+            thresholds.append(None if v is None or v < 0 else float(v))  # the extension sends -1 for "default"
+        mode = _enum(unit, "control_mode", unit.get("control_mode", 0), CONTROL_MODE_NAMES, where)
+        if unit.get("guessmode"):  # the extension's pre-1.1 field
+            mode = "control"
+        units.append(ControlRequest(
+            model=unit["model"], image=image, module=module, weight=vals["weight"], start=vals["guidance_start"],
+            end=vals["guidance_end"], mode=mode,
+            resize=_enum(unit, "resize_mode", unit.get("resize_mode", 1), RESIZE_MODE_NAMES, where),
+            threshold_a=thresholds[0], threshold_b=thresholds[1]))
+    return units
 
 
 def _hires(req: dict, p: GenerationParams, limits: Limits) -> Hires:

@@ -32,7 +32,7 @@ from sfumato.errors import InvalidParameterError, SfumatoError
 from sfumato.server import a1111
 from sfumato.server.a1111 import Limits, RequestError
 from sfumato.server.jobs import TERMINAL, Job, JobStore, Scheduler, error_status
-from sfumato.server.models import Registry
+from sfumato.server.models import AddonDirs, Registry, controlnet_files, find_controlnet
 
 
 STATIC = Path(__file__).parent / "static"  # the web UI: index.html, app.js, style.css (no outside resources)
@@ -49,6 +49,8 @@ class ServerConfig:
     model: Path | None = None  # None: the built-in model (when installed)
     models_dir: Path | None = None
     lora_dir: Path | None = None  # LoRA files offered to <lora:name:w> prompt tags and /sdapi/v1/loras
+    embeddings_dir: Path | None = None  # textual-inversion embeddings, loaded into every model they fit
+    controlnet_dir: Path | None = None  # ControlNets for alwayson_scripts.controlnet and /controlnet/model_list
     data_dir: Path = Path("sfumato-data")
     db_path: Path | None = None  # None: <data_dir>/jobs.sqlite3
     api_keys: tuple[str, ...] = ()
@@ -183,12 +185,15 @@ def create_app(config: ServerConfig) -> FastAPI:
         for name in (task.model, task.refiner):
             if name is not None:
                 registry.find(name)
+        for unit in task.controls:
+            find_controlnet(config.controlnet_dir, unit.model)
         if task.model is None:
             registry.find(None)
         return task
 
     scheduler = Scheduler(store, registry, outputs, devices=list(config.devices), dtype=config.dtype,
-                          model_budget=config.model_memory, parse=parse, lora_dir=config.lora_dir)
+                          model_budget=config.model_memory, parse=parse,
+                          addons=AddonDirs(config.lora_dir, config.embeddings_dir, config.controlnet_dir))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -343,9 +348,71 @@ def create_app(config: ServerConfig) -> FastAPI:
         files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in LORA_EXTENSIONS)
         return [{"name": p.stem, "alias": p.stem, "path": str(p), "metadata": {}} for p in files]
 
+    @app.post("/sdapi/v1/refresh-loras")
+    async def refresh_loras() -> None:
+        """Nothing to do: the LoRA folder is read on every request and every prompt tag."""
+
     @app.get("/sdapi/v1/embeddings")
     async def embeddings() -> dict[str, Any]:
-        return {"loaded": {}, "skipped": {}}
+        from sfumato.adapters.embeddings import survey_embeddings
+
+        def survey() -> dict[str, Any]:
+            ckpt = registry.find(options.get("sd_model_checkpoint"))
+            spec = registry.spec(ckpt)
+            if spec is None:
+                return {"loaded": {}, "skipped": {}}
+            widths = [t.config.width for t in spec.text_encoders]
+            loaded, skipped = survey_embeddings(config.embeddings_dir, widths, spec.family)
+            return {"loaded": loaded, "skipped": skipped}
+
+        return await asyncio.to_thread(survey)
+
+    @app.post("/sdapi/v1/refresh-embeddings")
+    async def refresh_embeddings() -> None:
+        """Nothing to do: a worker reloads the embeddings folder into its model when the files change."""
+
+    @app.get("/controlnet/version")
+    async def controlnet_version() -> dict[str, Any]:
+        return {"version": 2}
+
+    @app.get("/controlnet/model_list")
+    async def controlnet_models() -> dict[str, Any]:
+        return {"model_list": list(await asyncio.to_thread(controlnet_files, config.controlnet_dir))}
+
+    @app.get("/controlnet/module_list")
+    async def controlnet_modules() -> dict[str, Any]:
+        from sfumato.adapters.controlnet import PREPROCESSORS
+
+        return {"module_list": list(PREPROCESSORS), "module_detail": {
+            name: {"model_free": True, "sliders": [] if a is None else [
+                {"name": "Processor Resolution", "value": 512, "min": 64, "max": 2048},
+                {"name": "Canny Low Threshold", "value": a, "min": 1, "max": 255},
+                {"name": "Canny High Threshold", "value": b, "min": 1, "max": 255}]}
+            for name, (_, a, b) in PREPROCESSORS.items()}}
+
+    @app.post("/controlnet/detect")
+    async def controlnet_detect(request: Request) -> dict[str, Any]:
+        """The extension's preprocessor endpoint: ``controlnet_module``, ``controlnet_input_images`` (base64),
+        ``controlnet_threshold_a`` / ``_b`` -> {"images": [base64 PNG], "info": "Success"}."""
+        from sfumato.adapters.controlnet import preprocess
+
+        body = await body_of(request)
+        if not isinstance(body, dict):
+            raise RequestError(400, "the request body must be a JSON object")
+        images = body.get("controlnet_input_images")
+        if not isinstance(images, list) or not images:
+            raise InvalidParameterError("controlnet_input_images must be a list of at least one base64 image")
+        module = body.get("controlnet_module") or "none"
+        lo, hi = body.get("controlnet_threshold_a"), body.get("controlnet_threshold_b")
+        for name, v in (("controlnet_threshold_a", lo), ("controlnet_threshold_b", hi)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise InvalidParameterError(f"{name}={v!r} must be a number")
+        decoded = [a1111.decode_image(im, f"controlnet_input_images[{i}]", config.limits)
+                   for i, im in enumerate(images)]
+        lo = None if lo is None or lo < 0 else lo
+        hi = None if hi is None or hi < 0 else hi
+        out = await asyncio.to_thread(lambda: [preprocess(im, module, lo, hi) for im in decoded])
+        return {"images": [a1111.encode_png(im, None) for im in out], "info": "Success"}
 
     @app.get("/sdapi/v1/sd-vae")
     async def sd_vae() -> list:

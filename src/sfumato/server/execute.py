@@ -62,8 +62,10 @@ class Control:
         """Called after every sampler step (``info`` a :class:`sfumato.sampling.StepInfo`)."""
 
 
-def execute(task: Task, pipe, refiner, control: Control) -> Outcome:
-    """Run every iteration of ``task`` on ``pipe`` (and ``refiner``), reporting to ``control``."""
+def execute(task: Task, pipe, refiner, control: Control, *, controls: list | None = None) -> Outcome:
+    """Run every iteration of ``task`` on ``pipe`` (and ``refiner``), reporting to ``control``; ``controls``:
+    the task's ControlNet units (:class:`sfumato.adapters.controlnet.ControlUnit`), in every pass."""
+    addons = {"controlnet": controls} if controls else {}
     p = task.params
     per_iter = 2 if task.hires is not None else 1
     passes = task.n_iter * per_iter
@@ -85,7 +87,7 @@ def execute(task: Task, pipe, refiner, control: Control) -> Outcome:
             return cb
 
         try:
-            images, texts, extra = _iteration(task, pipe, refiner, ip, callback)
+            images, texts, extra = _iteration(task, pipe, refiner, ip, callback, addons)
         except Stop as stop:
             if stop.reason == "cancel":
                 raise
@@ -108,8 +110,10 @@ def _kwargs(p: GenerationParams, *drop: str) -> dict[str, Any]:
     return {k: v for k, v in p.to_dict().items() if k not in skip}
 
 
-def _iteration(task: Task, pipe, refiner, p: GenerationParams, callback: Callable[[int], Callable]):
+def _iteration(task: Task, pipe, refiner, p: GenerationParams, callback: Callable[[int], Callable],
+               addons: dict[str, Any]):
     experts = {"refiner": refiner, "refiner_switch_at": task.refiner_switch_at} if refiner is not None else {}
+    experts.update(addons)
     size = {"width": p.width, "height": p.height}
     if task.kind == "img2img" and task.mask is not None:
         kw = _kwargs(p, "mask_blur", "inpaint_fill", "inpaint_full_res", "inpaint_padding")
@@ -124,11 +128,11 @@ def _iteration(task: Task, pipe, refiner, p: GenerationParams, callback: Callabl
     else:
         if refiner is not None:
             raise InvalidParameterError("enable_hr with refiner_checkpoint is not supported; use one of them")
-        return _hires(task, pipe, p, callback)
+        return _hires(task, pipe, p, callback, addons)
     return res.images, res.infotexts, {}
 
 
-def _hires(task: Task, pipe, p: GenerationParams, callback: Callable[[int], Callable]):
+def _hires(task: Task, pipe, p: GenerationParams, callback: Callable[[int], Callable], addons: dict[str, Any]):
     from sfumato.pipeline import decode, run
 
     h = task.hires
@@ -136,15 +140,19 @@ def _hires(task: Task, pipe, p: GenerationParams, callback: Callable[[int], Call
     second = validate(p.replace(width=h.width, height=h.height, steps=h.steps or p.steps, prompt=h.prompt,
                                 negative_prompt=h.negative_prompt, sampler=h.sampler or p.sampler,
                                 schedule=h.schedule or p.schedule), size_multiple=f)
+    from sfumato.pipeline import _control_fields
+
     extra: dict[str, Any] = {"Denoising strength": h.strength, "Hires upscale": h.scale,
-                             "Hires steps": h.steps or None, "Hires upscaler": h.upscaler}
+                             "Hires steps": h.steps or None, "Hires upscaler": h.upscaler,
+                             **_control_fields(addons.get("controlnet"), False)}
     if h.prompt != p.prompt:
         extra["Hires prompt"] = h.prompt
     if h.negative_prompt != p.negative_prompt:
         extra["Hires negative prompt"] = h.negative_prompt
     if h.upscaler in LATENT_UPSCALERS:
         mode, antialias = LATENT_UPSCALERS[h.upscaler]
-        first = run(pipe, validate(p, size_multiple=f), callback=callback(0), output="latents")
+        controls = {"controls": addons["controlnet"]} if addons else {}
+        first = run(pipe, validate(p, size_multiple=f), callback=callback(0), output="latents", **controls)
         x = first.latents.float() / math.sqrt(1 + float(_sigmas(pipe, first.params)[-1]) ** 2)
         up = torch.nn.functional.interpolate(x, size=(h.height // f, h.width // f), mode=mode,
                                              antialias=antialias)
@@ -158,18 +166,18 @@ def _hires(task: Task, pipe, p: GenerationParams, callback: Callable[[int], Call
             g = torch.Generator("cpu").manual_seed(p.seed)
             noise = torch.randn(up.shape, generator=g)
             res = run(pipe, p2, handoff=(up.cpu() + noise * sigma0).to(pipe.device), generator=g,
-                      callback=callback(1))
+                      callback=callback(1), **controls)
             images = res.images
     else:
         first = pipe.generate(p.prompt, p.negative_prompt, width=p.width, height=p.height, callback=callback(0),
-                              **_kwargs(p))
+                              **_kwargs(p), **addons)
         resample = IMAGE_UPSCALERS[h.upscaler] or Image.LANCZOS
         images = []
         for im in first.images:
             big = im.resize((h.width, h.height), resample)
             res = pipe.img2img(big, second.prompt, second.negative_prompt, strength=h.strength,
                                width=h.width, height=h.height, callback=callback(1),
-                               **_kwargs(second.replace(batch_size=1, img2img_mode="a1111")))
+                               **_kwargs(second.replace(batch_size=1, img2img_mode="a1111")), **addons)
             images += res.images
     return images, _infotexts(pipe, p, len(images), extra), extra
 

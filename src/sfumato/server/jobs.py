@@ -28,7 +28,7 @@ from typing import Any
 from sfumato.errors import InvalidParameterError, SfumatoError
 from sfumato.server.a1111 import RequestError, Task
 from sfumato.server.execute import Control, Outcome, Stop, execute
-from sfumato.server.models import ModelCache, Registry, UnknownNameError
+from sfumato.server.models import AddonDirs, ModelCache, Registry, UnknownNameError
 
 log = logging.getLogger("sfumato.server")
 
@@ -159,6 +159,17 @@ def _row(row: sqlite3.Row) -> dict[str, Any]:
     return d
 
 
+def _control_units(task: Task, pipe, cache: ModelCache) -> list:
+    """The task's ControlNet units, their models loaded for ``pipe`` and their images preprocessed."""
+    if not task.controls:
+        return []
+    from sfumato.adapters.controlnet import ControlUnit, preprocess
+
+    return [ControlUnit(cache.controlnet(pipe, c.model), preprocess(c.image, c.module, c.threshold_a, c.threshold_b),
+                        c.weight, c.start, c.end, name=c.model, mode=c.mode, resize=c.resize, module=c.module)
+            for c in task.controls]
+
+
 def error_status(e: BaseException) -> int:
     """The HTTP status an exception from parsing or running a job maps to."""
     if isinstance(e, RequestError):
@@ -175,13 +186,13 @@ class Scheduler:
 
     def __init__(self, store: JobStore, registry: Registry, outputs: Path, *, devices: list[str],
                  dtype: str | None, model_budget: int, parse: Callable[[str, dict], Task],
-                 lora_dir: Path | None = None) -> None:
+                 addons: AddonDirs | None = None) -> None:
         self.store, self.registry, self.outputs = store, registry, outputs
         self._parse = parse
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self.active: dict[str, Job] = {}  # queued and running jobs
-        self.caches = [ModelCache(d, dtype, model_budget, lora_dir) for d in devices]
+        self.caches = [ModelCache(d, dtype, model_budget, addons) for d in devices]
         self._threads = [threading.Thread(target=self._work, args=(c,), name=f"sfumato-worker-{c.device}",
                                           daemon=True) for c in self.caches]
         self._stopping = False
@@ -264,7 +275,7 @@ class Scheduler:
                 refiner = None
                 if job.task.refiner is not None:
                     refiner = cache.get(self.registry.find(job.task.refiner), share_with=base)
-                job.outcome = execute(job.task, pipe, refiner, job)
+                job.outcome = execute(job.task, pipe, refiner, job, controls=_control_units(job.task, pipe, cache))
                 job.files = self._save(job)
                 self._finish(job, job.outcome.state)
             except Stop:

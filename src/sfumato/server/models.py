@@ -8,7 +8,10 @@ it, once per file (``Registry.default_size``), so the web page can default to it
 
 ``ModelCache`` belongs to one worker (one device) and is used from its thread only: it loads on first use
 and evicts the least recently used models while the sum of their parameter bytes exceeds the budget
-(the model in use is never evicted, so one model larger than the budget still runs).
+(the model in use is never evicted, so one model larger than the budget still runs). It also gives each
+pipeline the add-ons of :class:`AddonDirs`: the LoRA folder for ``<lora:name:w>`` tags, every embedding
+of the embeddings folder that fits (re-read when the folder's files change) and the ControlNets a job
+names (loaded once per model, their bytes counted with it).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from sfumato.errors import SfumatoError
 log = logging.getLogger("sfumato.server")
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt")
+CONTROLNET_SUFFIXES = (".safetensors", ".pth", ".ckpt", ".pt", ".bin")
 _HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]{8,64}\]$")
 
 
@@ -48,7 +52,7 @@ class Registry:
         self.models_dir = models_dir
         self._lock = threading.Lock()
         self._items: list[Checkpoint] = []
-        self._sizes: dict[tuple[str, int], int | None] = {}  # (path, mtime_ns) -> default size, None: unknown
+        self._specs: dict[tuple[str, int], object] = {}  # (path, mtime_ns) -> ModelSpec, None: unknown
         self.refresh()
 
     def refresh(self) -> None:
@@ -88,8 +92,8 @@ class Registry:
         valid = ", ".join(c.title for c in items) or "(none)"
         raise UnknownNameError(f"unknown model {name!r}; valid: {valid}")
 
-    def default_size(self, ckpt: Checkpoint) -> int | None:
-        """``ckpt``'s native width and height (``ModelSpec.default_size``) from its key names and shapes
+    def spec(self, ckpt: Checkpoint):  # noqa: ANN201 - ModelSpec | None
+        """``ckpt``'s :class:`~sfumato.config.ModelSpec` from its key names and shapes
         (``detect.detect_file``; no weights are read), detected once per file version; None when the file
         cannot be read or matches no known family (loading it would say why)."""
         from sfumato.weights.detect import detect_file
@@ -99,16 +103,62 @@ class Registry:
         except OSError:
             return None
         with self._lock:
-            if key in self._sizes:
-                return self._sizes[key]
+            if key in self._specs:
+                return self._specs[key]
         try:
-            size: int | None = detect_file(ckpt.path).default_size
+            spec = detect_file(ckpt.path)
         except Exception as e:  # noqa: BLE001 - a listing must survive any unreadable or unknown file
-            log.warning("cannot tell the native size of %s: %s", ckpt.path, e)
-            size = None
+            log.warning("cannot tell what %s is: %s", ckpt.path, e)
+            spec = None
         with self._lock:
-            self._sizes[key] = size
-        return size
+            self._specs[key] = spec
+        return spec
+
+    def default_size(self, ckpt: Checkpoint) -> int | None:
+        """``ckpt``'s native width and height (``ModelSpec.default_size``), or None (see :meth:`spec`)."""
+        spec = self.spec(ckpt)
+        return None if spec is None else spec.default_size
+
+
+@dataclass(frozen=True)
+class AddonDirs:
+    """Folders of add-ons the server offers (None: none of that kind)."""
+
+    lora: Path | None = None
+    embeddings: Path | None = None
+    controlnet: Path | None = None
+
+
+def controlnet_files(folder: Path | None) -> dict[str, Path]:
+    """ControlNets directly in ``folder``, by name: files by stem, diffusers folders (with config.json) by
+    folder name."""
+    if folder is None or not folder.is_dir():
+        return {}
+    out: dict[str, Path] = {}
+    for entry in sorted(folder.iterdir()):
+        if entry.is_file() and entry.suffix.lower() in CONTROLNET_SUFFIXES:
+            out.setdefault(entry.stem, entry)
+        elif entry.is_dir() and (entry / "config.json").is_file():
+            out.setdefault(entry.name, entry)
+    return out
+
+
+def find_controlnet(folder: Path | None, name: str) -> Path:
+    """The ControlNet ``name`` names (a name, or the extension's "name [hash]" title)."""
+    files = controlnet_files(folder)
+    if folder is None:
+        raise UnknownNameError(f"ControlNet {name!r}: this server has no ControlNet folder (start it with "
+                               "--controlnet-dir DIR)")
+    key = _HASH_SUFFIX.sub("", name).strip()
+    if key not in files:
+        raise UnknownNameError(f"unknown ControlNet {name!r}; valid: {', '.join(files) or '(none)'}")
+    return files[key]
+
+
+def _folder_signature(folder: Path | None) -> tuple:
+    if folder is None or not folder.is_dir():
+        return ()
+    return tuple((str(p), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file())
 
 
 def _checkpoint(path: Path, title: str) -> Checkpoint:
@@ -131,9 +181,12 @@ def pipeline_bytes(pipe) -> int:
 class ModelCache:
     """Loaded pipelines of one device, least recently used first, within ``budget`` bytes."""
 
-    def __init__(self, device: str, dtype: str | None, budget: int, lora_dir: Path | None = None) -> None:
-        self.device, self.dtype, self.budget, self.lora_dir = device, dtype, budget, lora_dir
+    def __init__(self, device: str, dtype: str | None, budget: int, addons: AddonDirs | None = None) -> None:
+        self.device, self.dtype, self.budget = device, dtype, budget
+        self.addons = addons or AddonDirs()
         self._models: OrderedDict[tuple[str, ...], tuple[object, int]] = OrderedDict()
+        self._embeddings: dict[int, tuple] = {}  # id(pipe) -> the embeddings folder's signature loaded
+        self._controlnets: dict[tuple[int, str, int], object] = {}  # (id(pipe), path, mtime) -> ControlNet
 
     def get(self, ckpt: Checkpoint, *, share_with: Checkpoint | None = None):
         """The pipeline of ``ckpt`` (loaded if needed). ``share_with``: load it as a refiner sharing the
@@ -144,14 +197,45 @@ class ModelCache:
         if key in self._models:
             self._models.move_to_end(key)
             self._evict(keep={key})
-            return self._models[key][0]
+            pipe = self._models[key][0]
+            self._sync_embeddings(pipe)
+            return pipe
         share = self.get(share_with) if share_with is not None else None
         log.info("loading %s on %s", ckpt.path, self.device)
         pipe = sfumato.load(ckpt.path, device=self.device, dtype=self.dtype, share=share)
-        pipe.lora_dir = self.lora_dir  # <lora:name:w> prompt tags
+        pipe.lora_dir = self.addons.lora  # <lora:name:w> prompt tags
+        self._sync_embeddings(pipe)
         self._models[key] = (pipe, pipeline_bytes(pipe))
         self._evict(keep={key, (str(share_with.path),) if share_with is not None else key})
         return pipe
+
+    def _sync_embeddings(self, pipe) -> None:
+        """Load the embeddings folder into ``pipe`` (again, from scratch, when its files changed)."""
+        from sfumato.adapters.embeddings import load_embedding_dir, unload_embeddings
+
+        folder = self.addons.embeddings
+        sig = _folder_signature(folder)
+        if self._embeddings.get(id(pipe)) == sig:
+            return
+        unload_embeddings(pipe)
+        if folder is not None and folder.is_dir():
+            loaded, skipped = load_embedding_dir(pipe, folder)
+            log.info("embeddings for %s: %d loaded, %d skipped", pipe.model_name, len(loaded), len(skipped))
+        self._embeddings[id(pipe)] = sig
+
+    def controlnet(self, pipe, name: str):
+        """The ControlNet ``name`` (in the ControlNet folder) loaded for ``pipe``'s UNet, once per model."""
+        path = find_controlnet(self.addons.controlnet, name)
+        key = (id(pipe), str(path), path.stat().st_mtime_ns)
+        if key not in self._controlnets:
+            log.info("loading ControlNet %s for %s", path.name, pipe.model_name)
+            self._controlnets = {k: v for k, v in self._controlnets.items() if k[:2] != key[:2]}  # a stale copy
+            cn = pipe.load_controlnet(path)
+            self._controlnets[key] = cn
+            for k, (p, size) in self._models.items():
+                if p is pipe:
+                    self._models[k] = (p, size + sum(t.numel() * t.element_size() for t in cn.parameters()))
+        return self._controlnets[key]
 
     def _evict(self, keep: set[tuple[str, ...]]) -> None:
         while sum(size for _, size in self._models.values()) > self.budget:
@@ -159,7 +243,9 @@ class ModelCache:
             if victim is None:
                 break
             log.info("unloading %s (model memory budget %.1f GB)", victim[0], self.budget / 1e9)
-            del self._models[victim]
+            gone = id(self._models.pop(victim)[0])
+            self._embeddings.pop(gone, None)
+            self._controlnets = {k: v for k, v in self._controlnets.items() if k[0] != gone}
         import torch
 
         if torch.cuda.is_available():
