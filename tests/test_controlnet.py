@@ -141,6 +141,48 @@ def test_sdxl_matches_diffusers(setup, n):
     assert d <= 1 and moved > 2, f"SDXL x{n}: max|diff| {d}/255 against diffusers, ControlNet moved it {moved}/255"
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("layout", ["diffusers-file", "original-file"])
+def test_sdxl_single_files_match_diffusers(setup, tmp_path, layout):
+    """SDXL ControlNets published as one file: the diffusers layout without config.json (as lllyasviel's
+    ``diffusers_xl_canny_small``, whose transformer depths, read from its keys, are not its base's) and the
+    original (cldm) layout; residuals against diffusers' ``ControlNetModel`` (relative max|diff| <= 1e-5)."""
+    import diffusers
+
+    from sfumato.models.unet import timestep_embedding
+
+    ours = sfumato.load(setup["xl"])
+    full = diffusers.ControlNetModel.from_pretrained(str(setup["xl_nets"][0]))
+    ref = diffusers.ControlNetModel.from_config({**full.config, "transformer_layers_per_block": [1, 1]}).eval()
+    g = torch.Generator().manual_seed(12)
+    for p in ref.parameters():
+        p.copy_(torch.randn(p.shape, generator=g) * (0.05 if p.ndim > 1 else 0.02))
+    path = tmp_path / "xl-small.safetensors"
+    write_safetensors(path, {k: v.contiguous() for k, v in ref.state_dict().items()})
+    if layout == "original-file":
+        loaded = ours.load_controlnet(path)
+        path = tmp_path / "xl-small-cldm.safetensors"
+        write_safetensors(path, {f"control_model.{k}": v for k, v in loaded.state_dict().items()})
+        with pytest.raises(CheckpointError):  # an original file takes its base's depths: this one does not fit
+            ours.load_controlnet(path)
+        ref, path = full, tmp_path / "xl-full-cldm.safetensors"
+        write_safetensors(path, {f"control_model.{k}": v
+                                 for k, v in ours.load_controlnet(setup["xl_nets"][0]).state_dict().items()})
+    cn = ours.load_controlnet(path)
+    x, hint = torch.randn(2, 4, 8, 8, generator=g), torch.rand(2, 3, SIZE, SIZE, generator=g)
+    t, ctx = torch.tensor([200, 800]), torch.randn(2, 77, ours.spec.unet.context_dim, generator=g)
+    pooled = torch.randn(2, ours.spec.unet.adm_in_channels - 6 * 256, generator=g)
+    ids = torch.tensor([[64.0, 64, 0, 0, 64, 64], [48, 64, 8, 0, 64, 64]])
+    y = torch.cat([pooled, timestep_embedding(ids.flatten(), 256).reshape(2, -1)], dim=1)  # as the pipeline builds it
+    got = cn(x, hint, t, ctx, y)
+    down, mid = ref(x, t, encoder_hidden_states=ctx, controlnet_cond=hint, return_dict=False,
+                    added_cond_kwargs={"text_embeds": pooled, "time_ids": ids})
+    want = [*down, mid]
+    assert len(got) == len(want)
+    worst = max((a - b).abs().max().item() / b.abs().max().item() for a, b in zip(got, want))
+    assert worst <= 1e-5, f"{layout}: relative max|diff| {worst:.2e}"
+
+
 def test_img2img_matches_diffusers(setup):
     ours = sfumato.load(setup["base"])
     unit = ControlUnit(ours.load_controlnet(setup["nets"][1]), _control_image(7), 1.0)
@@ -304,11 +346,14 @@ def test_cli_controlnet(setup, tmp_path, capsys):
     common = ["--model", str(setup["base"]), "--width", str(SIZE), "--height", str(SIZE), "--steps", "3",
               "--seed", "4", "-q"]
     assert main(["generate", "a cat", *common, "--controlnet", str(setup["single"]), str(image),
-                 "--control-weight", "0.7", "--control-range", "0:0.8", "-o", str(tmp_path / "a.png")]) == 0
+                 "--control-weight", "0.7", "--control-range", "0:0.8", "--control-mode", "control",
+                 "-o", str(tmp_path / "a.png")]) == 0
     ours = sfumato.load(setup["base"])
-    unit = ControlUnit(ours.load_controlnet(setup["single"]), Image.open(image).convert("RGB"), 0.7, 0.0, 0.8)
+    unit = ControlUnit(ours.load_controlnet(setup["single"]), Image.open(image).convert("RGB"), 0.7, 0.0, 0.8,
+                       mode="control")
     want = ours.generate("a cat", width=SIZE, height=SIZE, steps=3, seed=4, controlnet=unit).images[0]
     assert _diff(Image.open(tmp_path / "a.png").convert("RGB"), want) == 0
+    assert "Control Mode: ControlNet is more important" in Image.open(tmp_path / "a.png").info["parameters"]
     assert main(["generate", "a cat", *common, "--guess-mode", "-o", str(tmp_path / "b.png")]) == 2
     assert "--guess-mode needs --controlnet" in capsys.readouterr().err
     assert main(["generate", "a cat", *common, "--controlnet", str(tmp_path / "absent"), str(image),

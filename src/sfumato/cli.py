@@ -270,6 +270,12 @@ def _generation_options(p: argparse.ArgumentParser) -> None:
                         help="fraction of the steps each --controlnet acts on (default 0:1)")
     addons.add_argument("--control-canny", action="store_true",
                         help="turn each control image into Canny edges first (for canny ControlNets)")
+    addons.add_argument("--control-mode", action="append", choices=("balanced", "prompt", "control"),
+                        help="control mode of each --controlnet in order, as the webui extension's "
+                        "(balanced, prompt: 'my prompt is more important', control: 'ControlNet is more important')")
+    addons.add_argument("--control-resize", choices=("stretch", "crop", "fill"), default="stretch",
+                        help="fit control images to the output size: stretch, crop (cover) or fill (fit, pad); "
+                        "default stretch")
     addons.add_argument("--guess-mode", action="store_true", help="ControlNet guess mode")
     fast = p.add_argument_group("fast paths (off by default; not the exact image)")
     fast.add_argument("--deepcache", type=int, metavar="N", help="DeepCache: the whole UNet every N-th step, its "
@@ -473,15 +479,15 @@ def _check_params(args: argparse.Namespace, kw: dict[str, Any]) -> None:
                               height=args.height if args.height is not None else 512, **fields))
 
 
-def _control_args(args: argparse.Namespace, load_image) -> list[tuple[str, Any, float, float, float]]:
-    """(model, image, weight, start, end) per --controlnet, checked before the model loads."""
+def _control_args(args: argparse.Namespace, load_image) -> list[tuple[str, Any, float, float, float, str]]:
+    """(model, image, weight, start, end, mode) per --controlnet, checked before the model loads."""
     from sfumato.errors import InvalidParameterError
 
     n = len(args.controlnet)
-    weights, ranges = args.control_weight or [], args.control_range or []
-    if len(weights) > n or len(ranges) > n:
-        raise InvalidParameterError(f"{len(weights)} --control-weight and {len(ranges)} --control-range for "
-                                    f"{n} --controlnet")
+    weights, ranges, modes = args.control_weight or [], args.control_range or [], args.control_mode or []
+    if len(weights) > n or len(ranges) > n or len(modes) > n:
+        raise InvalidParameterError(f"{len(weights)} --control-weight, {len(ranges)} --control-range and "
+                                    f"{len(modes)} --control-mode for {n} --controlnet")
     if args.guess_mode and not n:
         raise InvalidParameterError("--guess-mode needs --controlnet")
     out = []
@@ -494,7 +500,8 @@ def _control_args(args: argparse.Namespace, load_image) -> list[tuple[str, Any, 
                 start, end = (float(v) for v in ranges[i].split(":"))
             except ValueError:
                 raise InvalidParameterError(f"--control-range {ranges[i]!r}: expected START:END, e.g. 0:0.8") from None
-        out.append((model, load_image(image), weights[i] if i < len(weights) else 1.0, start, end))
+        out.append((model, load_image(image), weights[i] if i < len(weights) else 1.0, start, end,
+                    modes[i] if i < len(modes) else "balanced"))
     return out
 
 
@@ -581,10 +588,11 @@ def _generate(args: argparse.Namespace) -> int:
         from sfumato.adapters.controlnet import ControlUnit, canny
 
         units = []
-        for (model, image, weight, start, end) in controls:
+        for (model, image, weight, start, end, mode) in controls:
             cn = pipe.load_controlnet(model)
             units.append(ControlUnit(cn, canny(image) if args.control_canny else image, weight, start, end,
-                                     name=Path(model).stem))
+                                     name=Path(model).stem, mode=mode, resize=args.control_resize,
+                                     module="canny" if args.control_canny else "none"))
         kw["controlnet"] = units
         if args.guess_mode:
             kw["guess_mode"] = True

@@ -118,6 +118,19 @@ def _config_from_diffusers(d: dict) -> ControlNetConfig:
                             hint_channels=d.get("conditioning_channels", 3))
 
 
+def _depths_from_diffusers_keys(sd: dict[str, torch.Tensor], base: UNetConfig) -> UNetConfig:
+    """A diffusers-layout single file has no config.json: its transformer depth per level (and in the middle)
+    is read from its keys, as the small and mid SDXL ControlNets (``diffusers_xl_*_small``) are shallower than
+    their base; the rest of the architecture is the base model's."""
+    def depth(prefix: str) -> int:
+        ks = [int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix)]
+        return max(ks) + 1 if ks else 0
+
+    levels = tuple(depth(f"down_blocks.{i}.attentions.0.transformer_blocks.") for i in range(len(base.channel_mult)))
+    return replace(base, transformer_depth=levels,
+                   transformer_depth_middle=depth("mid_block.attentions.0.transformer_blocks.") or base.transformer_depth_middle)
+
+
 def load_controlnet(path: str | os.PathLike, base: UNetConfig, *, dtype: torch.dtype = torch.float32,
                     family: str = "this model") -> ControlNetModel:
     """A ControlNet for a model whose UNet is ``base`` (its ``family`` names it in errors)."""
@@ -134,7 +147,8 @@ def load_controlnet(path: str | os.PathLike, base: UNetConfig, *, dtype: torch.d
     elif path.is_file():
         sd = read_tensors(path, dtype, share=True)
         if any(k.startswith("controlnet_cond_embedding.") for k in sd):
-            cfg = ControlNetConfig(replace(base, in_channels=4))
+            cfg = ControlNetConfig(_depths_from_diffusers_keys(sd, replace(base, in_channels=4)),
+                                   hint_channels=sd["controlnet_cond_embedding.conv_in.weight"].shape[1])
             sd = _from_diffusers(sd, cfg.unet)
         else:
             if any(k.startswith(_PREFIX) for k in sd):
