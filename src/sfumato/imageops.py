@@ -6,6 +6,8 @@ Conversions follow diffusers' ``VaeImageProcessor`` (``2x - 1`` on input, ``(x /
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from PIL import Image, ImageFilter
@@ -33,6 +35,25 @@ def image_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor
         image = image.resize((width, height), Image.LANCZOS)
     arr = np.asarray(image, dtype=np.float32) / 255.0
     return torch.from_numpy(arr).permute(2, 0, 1)[None] * 2.0 - 1.0
+
+
+def depth_to_tensor(depth: Any) -> torch.Tensor:
+    """A depth map -> (1, H, W) float32: an (H, W) or (1, H, W) array or tensor, or a greyscale image (8, 16
+    or 32 bit; an RGB one is read as its luminance)."""
+    if isinstance(depth, Image.Image):
+        arr = np.asarray(depth.convert("L") if depth.mode in ("RGB", "RGBA", "P", "LA") else depth, dtype=np.float32)
+        t = torch.from_numpy(arr.copy())
+    elif isinstance(depth, np.ndarray):
+        t = torch.from_numpy(depth.astype(np.float32))
+    elif isinstance(depth, torch.Tensor):
+        t = depth.detach().float().cpu()
+    else:
+        raise InvalidParameterError(f"depth_map must be an array, tensor or image, got {type(depth).__name__}")
+    if t.ndim == 3 and t.shape[0] == 1:
+        t = t[0]
+    if t.ndim != 2 or min(t.shape) < 1 or not torch.isfinite(t).all():
+        raise InvalidParameterError(f"depth_map must be one finite (H, W) map, got shape {tuple(t.shape)}")
+    return t[None]
 
 
 def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:

@@ -187,6 +187,7 @@ def infotext(params: GenerationParams, *, seed: int, model_name: str | None, mod
         "Sampler": _sampler_label(p.sampler),
         "Schedule type": _schedule_label(p),
         "CFG scale": p.cfg_scale,
+        "Image CFG scale": p.image_cfg_scale,
         "Seed": seed,
         "Size": f"{p.width}x{p.height}",
         "Variation seed": p.subseed if p.subseed_strength else None,
@@ -310,7 +311,8 @@ def _resolve_sampler(label: str, schedule_label: str | None) -> tuple[str, str |
 
 # infotext key -> (GenerationParams field, converter)
 _SIMPLE_FIELDS: dict[str, tuple[str, Any]] = {
-    "Steps": ("steps", _int), "CFG scale": ("cfg_scale", _float), "Seed": ("seed", _int),
+    "Steps": ("steps", _int), "CFG scale": ("cfg_scale", _float), "Image CFG scale": ("image_cfg_scale", _float),
+    "Seed": ("seed", _int),
     "Variation seed": ("subseed", _int), "Variation seed strength": ("subseed_strength", _float),
     "Denoising strength": ("strength", _float), "Clip skip": ("clip_skip", _int), "Eta": ("eta", _float),
     "Eta DDIM": ("eta", _float), "Sigma churn": ("s_churn", _float), "Sigma tmin": ("s_tmin", _float),

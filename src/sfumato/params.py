@@ -37,6 +37,7 @@ class GenerationParams:
     s_tmax: float = float("inf")
     s_noise: float = 1.0
     guidance_rescale: float = 0.0
+    image_cfg_scale: float | None = None  # instruct-pix2pix: the image's guidance weight (None: not an edit)
     emphasis: str = "original"  # AUTOMATIC1111 "Original" emphasis normalisation, or "none" ("No norm")
     # img2img / inpainting
     strength: float | None = None  # denoising strength; None for txt2img
@@ -142,6 +143,8 @@ def validate(p: GenerationParams, *, size_multiple: int = 8) -> GenerationParams
     if p.s_tmax != float("inf"):
         _float("s_tmax", p.s_tmax, 0.0)
     _float("guidance_rescale", p.guidance_rescale, 0.0, 1.0)
+    if p.image_cfg_scale is not None:
+        _float("image_cfg_scale", p.image_cfg_scale, 0.0, 100.0)
     _int("deepcache", p.deepcache, 1, 100)
     _int("deepcache_depth", p.deepcache_depth, 0, 64)
     if p.emphasis.lower() not in EMPHASIS:

@@ -244,6 +244,53 @@ class Pipeline:
             return _inpaint_full_res(self, p, image, mask, callback, experts, addons)
         return run_experts(self, p, **experts, image=image, mask=mask, callback=callback, **addons)
 
+    def edit(self, image: Image.Image, instruction: str, negative_prompt: str = "", *, image_cfg_scale: float = 1.5,
+             cfg_scale: float = 7.5, width: int | None = None, height: int | None = None,
+             callback: Callable | None = None, **kw: Any) -> GenerationResult:
+        """instruct-pix2pix (Brooks et al. 2023): redraw ``image`` as ``instruction`` says. The image's latent
+        (the posterior mean, unscaled) is concatenated to the noisy latent, and guidance is three-way:
+        ``none + cfg_scale * (text - image) + image_cfg_scale * (image - none)`` over the predictions with
+        text and image, with the image only, and with neither (diffusers' guidance, used when
+        ``cfg_scale > 1`` and ``image_cfg_scale >= 1``)."""
+        self._need_concat("pix2pix", "edit", "an instruct-pix2pix model")
+        image = imageops.to_rgb(image)
+        width, height = self._size_from(image, width, height)
+        p = self._params(instruction, negative_prompt, width, height,
+                         {**kw, "cfg_scale": cfg_scale, "image_cfg_scale": image_cfg_scale})
+        with torch.inference_mode():
+            concat = encode_image(self, imageops.image_to_tensor(image, p.width, p.height), None)
+        return run(self, p, concat=concat, callback=callback)
+
+    def depth2img(self, image: Image.Image, prompt: str = "", negative_prompt: str = "", *, strength: float = 0.8,
+                  depth_map: Any = None, width: int | None = None, height: int | None = None,
+                  callback: Callable | None = None, **kw: Any) -> GenerationResult:
+        """Depth-conditioned image to image (SD 2 ``512-depth``): img2img with the depth map, resized to the
+        latent size (bicubic) and scaled to [-1, 1], concatenated to the latent. ``depth_map``: (H, W)
+        relative depth as an array, tensor or greyscale image (larger = nearer, as MiDaS gives it)."""
+        self._need_concat("depth", "depth2img", "a depth model (SD 2 512-depth)")
+        image = imageops.to_rgb(image)
+        width, height = self._size_from(image, width, height)
+        if depth_map is None:
+            raise InvalidParameterError("depth2img needs depth_map: sfumato does not estimate depth yet (give an "
+                                        "(H, W) depth map as an array or greyscale image)")
+        p = self._params(prompt, negative_prompt, width, height, {**kw, "strength": strength})
+        depth = imageops.depth_to_tensor(depth_map)[:, None]  # (1, 1, H, W)
+        f = self.spec.vae.downscale
+        depth = torch.nn.functional.interpolate(depth, size=(image.height // f, image.width // f), mode="bicubic",
+                                                align_corners=False)
+        lo, hi = depth.amin(), depth.amax()
+        if not hi > lo:
+            raise InvalidParameterError("depth_map is flat (one value everywhere): it carries no depth")
+        concat = 2.0 * (depth - lo) / (hi - lo) - 1.0
+        if concat.shape[-2:] != (p.height // f, p.width // f):
+            raise InvalidParameterError(f"depth2img: the output size {p.width}x{p.height} must be the image's "
+                                        f"({image.width}x{image.height}) rounded down to a multiple of {f}")
+        return run(self, p, image=image, concat=concat, callback=callback)
+
+    def _need_concat(self, kind: str, method: str, what: str) -> None:
+        if self.spec.concat != kind:
+            raise InvalidParameterError(f"{method} needs {what}; this model is {self.spec.family}")
+
     def outpaint(self, image: Image.Image, prompt: str = "", negative_prompt: str = "", *, left: int = 0,
                  right: int = 0, up: int = 0, down: int = 0, **kw: Any) -> GenerationResult:
         """Extend the canvas by the given pixels and paint the new border through :meth:`inpaint`."""
@@ -370,28 +417,43 @@ def guided_model(pipe: Pipeline, conds: _Conds, p: GenerationParams, state: dict
     unet = pipe.unet
     dtype = pipe.dtype
     cache = StepCache(p.deepcache, p.deepcache_depth) if p.deepcache > 1 else None
+    pix2pix_edit = pipe.spec.concat == "pix2pix" and p.image_cfg_scale is not None
+    if pix2pix_edit and len(conds.parts) != 1:
+        raise InvalidParameterError("edit takes one instruction: AND-composed prompts are not supported there")
 
     def model(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         step = state["step"]
         b = x_in.shape[0]
         parts = [(w, _Conds.at(s, step)) for w, s in conds.parts]
         use_uncond = not (p.cfg_scale == 1.0 and len(parts) == 1 and parts[0][0] == 1.0)
+        if pix2pix_edit:
+            use_uncond = p.cfg_scale > 1.0 and p.image_cfg_scale >= 1.0  # diffusers' condition
+        pix2pix = pix2pix_edit and use_uncond
         cs = ([_Conds.at(conds.negative, step)] if use_uncond else []) + [c for _, c in parts]
         if len({c.context.shape[1] for c in cs}) > 1:
             cs = pad_to_same_length(cs, encode_prompt(pipe.text_encoders, pipe.spec.text_encoders, pipe.tokenizer,
                                                       "", clip_skip=p.clip_skip, emphasis=p.emphasis))
+        if pix2pix:  # (text, image), (image), (neither): the negative context twice, no image the last time
+            cs = [cs[1], cs[0], cs[0]]
         n = len(cs)
         context = torch.cat([c.context.expand(b, -1, -1) for c in cs]).to(dtype)
-        ys = [_size_vector(pipe, c, p, b, negative=use_uncond and i == 0) for i, c in enumerate(cs)]
+        ys = [_size_vector(pipe, c, p, b, negative=use_uncond and (i > 0 if pix2pix else i == 0))
+              for i, c in enumerate(cs)]
         y = None if ys[0] is None else torch.cat(ys).to(dtype)
         xs = x_in.repeat(n, 1, 1, 1)
         if concat is not None:
-            xs = torch.cat([xs, concat.repeat(n, 1, 1, 1).to(xs.dtype)], dim=1)
+            extra = concat.expand(b, -1, -1, -1).repeat(n, 1, 1, 1)
+            if pix2pix:
+                extra[2 * b:] = 0
+            xs = torch.cat([xs, extra.to(xs.dtype)], dim=1)
         ts = t.reshape(-1).expand(b).repeat(n)
         control = _control_residuals(hints, state, xs.to(dtype), ts, context, y, n, b, use_uncond, guess_mode)
         out = unet(xs.to(dtype), ts, context=context, y=y, cache=cache, control=control).float().chunk(n)
         if not use_uncond:
             return out[0]
+        if pix2pix:
+            text, image, none = out
+            return none + p.cfg_scale * (text - image) + p.image_cfg_scale * (image - none)
         uncond, conds_out = out[0], out[1:]
         if len(parts) == 1 and parts[0][0] == 1.0:
             guided = uncond + p.cfg_scale * (conds_out[0] - uncond)
@@ -504,8 +566,9 @@ def _slerp(val: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
     return (torch.sin((1.0 - val) * omega) / so).unsqueeze(1) * low + (torch.sin(val * omega) / so).unsqueeze(1) * high
 
 
-def encode_image(pipe: Pipeline, image: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Pixels in [-1, 1] -> scaled latents, sampling the posterior with ``g`` as diffusers does."""
+def encode_image(pipe: Pipeline, image: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+    """Pixels in [-1, 1] -> scaled latents, sampling the posterior with ``g`` as diffusers does; ``g`` None:
+    the posterior mean, unscaled (what instruct-pix2pix concatenates)."""
     m = pipe.memory
     with _vae_precision(pipe, upcast=pipe.spec.vae_upcast) as dtype:
         parts = image.split(1) if m.vae_slicing else (image,)
@@ -516,6 +579,8 @@ def encode_image(pipe: Pipeline, image: torch.Tensor, g: torch.Generator) -> tor
             posts = [pipe.vae.encode(x.to(pipe.device, dtype)) for x in parts]
         posterior = posts[0] if len(posts) == 1 else DiagonalGaussian(
             torch.cat([q.mean for q in posts]), torch.cat([q.logvar for q in posts]))
+        if g is None:
+            return posterior.mean.float()
         z = posterior.sample(generator=g).float()
     return (z - pipe.spec.latent_shift) * pipe.spec.latent_scale
 
@@ -588,8 +653,11 @@ class Handoff:
 def run(pipe: Pipeline, p: GenerationParams, *, image: Image.Image | None = None, mask: Image.Image | None = None,
         latents: torch.Tensor | None = None, callback: Callable | None = None,
         generator: torch.Generator | None = None, handoff: torch.Tensor | None = None,
-        output: str = "images", controls: list | None = None, guess_mode: bool = False) -> GenerationResult | Handoff:
+        output: str = "images", controls: list | None = None, guess_mode: bool = False,
+        concat: torch.Tensor | None = None) -> GenerationResult | Handoff:
     """The spine for every mode: txt2img (no image), img2img (image), inpainting (image + mask).
+    ``concat``: the extra UNet input of depth and instruct-pix2pix models (1, C, h, w), made by their
+    methods; an inpainting model's is made here from the image and mask.
 
     Ensemble of experts (SDXL base -> refiner): ``p.denoising_end`` stops at that fraction of the noise
     schedule and, with ``output="latents"``, returns a :class:`Handoff` instead of decoding;
@@ -636,7 +704,11 @@ def run(pipe: Pipeline, p: GenerationParams, *, image: Image.Image | None = None
             noise = torch.randn(shape, generator=g) if blend else None
         else:
             noise = _noise(shape, seed, p, g) if latents is None else latents.float().cpu()
-        concat = None
+        if concat is not None:
+            concat = concat.to(pipe.device)
+        elif spec.concat in ("depth", "pix2pix"):
+            raise InvalidParameterError(f"a {spec.family} model needs its extra input: use "
+                                        f"{'depth2img' if spec.concat == 'depth' else 'edit'}")
         lmask = imageops.latent_mask(pmask, f) if pmask is not None else None
         if pmask is not None:
             if spec.concat == "inpaint":

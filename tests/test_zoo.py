@@ -1,0 +1,109 @@
+"""The SD 2 model zoo (issue 9) on tiny random models against diffusers: instruct-pix2pix editing
+(``StableDiffusionInstructPix2PixPipeline``, three-way guidance) and depth-to-image with a given depth map
+(``StableDiffusionDepth2ImgPipeline``): same seed -> same image, max|diff| <= 1/255 (measured 0 or 1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sfumato
+from sfumato.errors import InvalidParameterError
+from tests import tiny
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    import diffusers
+
+    root = tmp_path_factory.mktemp("zoo")
+    torch.manual_seed(0)
+    pix = diffusers.StableDiffusionInstructPix2PixPipeline(
+        vae=tiny._vae((32, 32, 64, 64)), text_encoder=tiny._text(), tokenizer=tiny._tokenizer("<|endoftext|>"),
+        unet=tiny.sd1_unet(8), scheduler=tiny._scheduler(), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pix.save_pretrained(root / "pix2pix", safe_serialization=True)
+    depth = diffusers.StableDiffusionDepth2ImgPipeline(
+        vae=tiny._vae((32, 32, 64, 64)), text_encoder=tiny._text(layers=3, act="gelu", pad_id=0),
+        tokenizer=tiny._tokenizer("!"), unet=tiny.sd2_unet(5), scheduler=tiny._scheduler(), depth_estimator=None,
+        feature_extractor=None)
+    depth.save_pretrained(root / "depth", safe_serialization=True)
+    return {"pix2pix": root / "pix2pix", "depth": root / "depth"}
+
+
+def _image(seed: int, size: int = SIZE) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((size, size, 3)) * 255).astype(np.uint8))
+
+
+def _diff(a, b) -> int:
+    return int(np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max())
+
+
+@pytest.mark.parametrize("cfg,image_cfg", [(7.5, 1.5), (4.0, 1.0), (1.0, 1.5)])
+def test_edit_matches_diffusers(folders, cfg, image_cfg):
+    import diffusers
+
+    ours = sfumato.load(folders["pix2pix"])
+    assert ours.spec.family == "sd1-pix2pix"
+    image = _image(1)
+    got = ours.edit(image, "make it snowy", "blurry", image_cfg_scale=image_cfg, cfg_scale=cfg, steps=4,
+                    sampler="euler", schedule="leading", seed=3)
+    ref = diffusers.StableDiffusionInstructPix2PixPipeline.from_pretrained(
+        str(folders["pix2pix"]), safety_checker=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    want = ref("make it snowy", image=image, negative_prompt="blurry", num_inference_steps=4, guidance_scale=cfg,
+               image_guidance_scale=image_cfg, generator=torch.Generator().manual_seed(3)).images[0]
+    d = _diff(got.images[0], want)
+    assert d <= 1, f"edit cfg {cfg} image cfg {image_cfg}: max|diff| {d}/255 against diffusers"
+    if cfg > 1:
+        assert f"Image CFG scale: {image_cfg:g}" in got.infotexts[0]
+
+
+@pytest.mark.parametrize("depth_kind", ["array", "image"])
+def test_depth2img_matches_diffusers(folders, depth_kind):
+    import diffusers
+
+    ours = sfumato.load(folders["depth"])
+    assert ours.spec.family == "sd2-depth"
+    image = _image(2)
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
+    depth = (np.hypot(yy - 20.0, xx - 40.0) * 3).astype(np.float32)  # a cone: nearest away from the centre
+    given = depth if depth_kind == "array" else Image.fromarray(depth.round().astype(np.uint8))
+    got = ours.depth2img(image, "a room", "blurry", strength=0.7, depth_map=given, steps=5, cfg_scale=6.0,
+                         sampler="euler", schedule="leading", seed=8).images[0]
+    flat = ours.depth2img(image, "a room", "blurry", strength=0.7, depth_map=depth.max() - depth, steps=5,
+                          cfg_scale=6.0, sampler="euler", schedule="leading", seed=8).images[0]
+    ref = diffusers.StableDiffusionDepth2ImgPipeline.from_pretrained(str(folders["depth"]), depth_estimator=None,
+                                                                     feature_extractor=None)
+    ref.set_progress_bar_config(disable=True)
+    ref_depth = torch.from_numpy(np.asarray(given, dtype=np.float32).copy())[None]
+    want = ref("a room", image=image, depth_map=ref_depth, negative_prompt="blurry", strength=0.7,
+               num_inference_steps=5, guidance_scale=6.0, generator=torch.Generator().manual_seed(8)).images[0]
+    d = _diff(got, want)
+    assert d <= 1, f"depth2img ({depth_kind}): max|diff| {d}/255 against diffusers"
+    assert _diff(got, flat) > 2, "the depth map must change the image"
+
+
+def test_zoo_refusals(folders):
+    pix, depth = sfumato.load(folders["pix2pix"]), sfumato.load(folders["depth"])
+    with pytest.raises(InvalidParameterError, match="depth2img needs a depth model.*sd1-pix2pix"):
+        pix.depth2img(_image(0), "x", depth_map=np.ones((8, 8)))
+    with pytest.raises(InvalidParameterError, match="edit needs an instruct-pix2pix model.*sd2-depth"):
+        depth.edit(_image(0), "x")
+    with pytest.raises(InvalidParameterError, match="needs its extra input: use edit"):
+        pix.generate("x", width=SIZE, height=SIZE, steps=2)
+    with pytest.raises(InvalidParameterError, match="depth2img needs depth_map"):
+        depth.depth2img(_image(0), "x")
+    with pytest.raises(InvalidParameterError, match="flat"):
+        depth.depth2img(_image(0), "x", depth_map=np.ones((8, 8)))
+    with pytest.raises(InvalidParameterError, match="one finite"):
+        depth.depth2img(_image(0), "x", depth_map=np.ones((2, 8, 8)))
+    with pytest.raises(InvalidParameterError, match="image_cfg_scale"):
+        pix.edit(_image(0), "x", image_cfg_scale=-1)
