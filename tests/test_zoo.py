@@ -107,3 +107,25 @@ def test_zoo_refusals(folders):
         depth.depth2img(_image(0), "x", depth_map=np.ones((2, 8, 8)))
     with pytest.raises(InvalidParameterError, match="image_cfg_scale"):
         pix.edit(_image(0), "x", image_cfg_scale=-1)
+
+
+def test_cli_edit_and_depth2img(folders, tmp_path):
+    from sfumato.cli import main
+
+    _image(4).save(tmp_path / "in.png")
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
+    Image.fromarray((yy * 3).astype(np.uint8)).save(tmp_path / "depth.png")
+    common = ["--steps", "3", "--seed", "2", "--sampler", "euler", "-q"]
+    assert main(["edit", str(tmp_path / "in.png"), "add a hat", "--model", str(folders["pix2pix"]), "--image-cfg",
+                 "1.2", "--cfg", "5", *common, "-o", str(tmp_path / "e.png")]) == 0
+    want = sfumato.load(folders["pix2pix"]).edit(_image(4), "add a hat", image_cfg_scale=1.2, cfg_scale=5.0, steps=3,
+                                                 seed=2, sampler="euler")
+    assert _diff(Image.open(tmp_path / "e.png").convert("RGB"), want.images[0]) == 0
+    assert "Image CFG scale: 1.2" in Image.open(tmp_path / "e.png").info["parameters"]
+    assert main(["depth2img", str(tmp_path / "in.png"), "a room", "--model", str(folders["depth"]), "--depth",
+                 str(tmp_path / "depth.png"), "--strength", "0.6", *common, "-o", str(tmp_path / "d.png")]) == 0
+    want = sfumato.load(folders["depth"]).depth2img(_image(4), "a room", strength=0.6, steps=3, seed=2,
+                                                    sampler="euler", depth_map=Image.open(tmp_path / "depth.png"))
+    assert _diff(Image.open(tmp_path / "d.png").convert("RGB"), want.images[0]) == 0
+    assert main(["edit", str(tmp_path / "in.png"), "x", "--model", str(folders["pix2pix"]), "--image-cfg", "-2",
+                 *common, "-o", str(tmp_path / "bad.png")]) == 2

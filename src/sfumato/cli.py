@@ -340,6 +340,19 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--strength", type=float, help="denoising strength, 0..1 (default: 1)")
     _generation_options(op)
 
+    ed = sub.add_parser("edit", help="edit an image by an instruction (instruct-pix2pix models)")
+    ed.add_argument("image", metavar="IMAGE")
+    ed.add_argument("prompt", nargs="?", default="", metavar="INSTRUCTION")
+    ed.add_argument("--image-cfg", type=float, default=1.5, help="image guidance scale (default: 1.5)")
+    _generation_options(ed)
+
+    dp = sub.add_parser("depth2img", help="image to image kept to a depth map (SD 2 depth models)")
+    dp.add_argument("image", metavar="IMAGE")
+    dp.add_argument("prompt", nargs="?", default="")
+    dp.add_argument("--depth", required=True, metavar="DEPTH", help="depth map (greyscale image, larger = nearer)")
+    dp.add_argument("--strength", type=float, help="denoising strength, 0..1 (default: 0.8)")
+    _generation_options(dp)
+
     inf = sub.add_parser("info", help="print the generation parameters stored in an image")
     inf.add_argument("image", metavar="IMAGE")
     inf.add_argument("--json", action="store_true", help="print the parsed fields as JSON")
@@ -541,8 +554,10 @@ def _generate(args: argparse.Namespace) -> int:
     from sfumato.pipeline import MemoryOptions
 
     more: dict[str, Any] = {}
-    if args.command in ("img2img", "inpaint", "outpaint"):
+    if args.command in ("img2img", "inpaint", "outpaint", "depth2img"):
         more["strength"] = args.strength
+    if args.command == "edit":
+        more["image_cfg_scale"] = args.image_cfg
     if args.command == "inpaint":
         more.update(mask_blur=args.mask_blur, inpaint_fill=args.fill, inpaint_padding=args.padding,
                     inpaint_full_res=args.full_res or None)
@@ -618,6 +633,11 @@ def _generate(args: argparse.Namespace) -> int:
             renames = {"inpaint_fill": "fill", "inpaint_padding": "padding"}
             kw = {renames.get(k, k): v for k, v in kw.items()}
             res = pipe.inpaint(image, mask, args.prompt, args.negative, callback=progress, **size, **kw)
+        elif args.command == "edit":
+            res = pipe.edit(image, args.prompt, args.negative, callback=progress, **size, **kw)
+        elif args.command == "depth2img":
+            res = pipe.depth2img(image, args.prompt, args.negative, depth_map=load_image(args.depth).convert("L"),
+                                 callback=progress, **size, **kw)
         else:
             res = pipe.outpaint(image, args.prompt, args.negative, left=args.left, right=args.right, up=args.up,
                                 down=args.down, callback=progress, **kw)
@@ -728,7 +748,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "generate": _generate, "img2img": _generate, "inpaint": _generate, "outpaint": _generate,
+    "generate": _generate, "img2img": _generate, "inpaint": _generate, "outpaint": _generate, "edit": _generate,
+    "depth2img": _generate,
     "info": _info, "models": _models, "convert": _convert, "train": _train, "serve": _serve,
 }
 
