@@ -1,6 +1,7 @@
 """The SD 2 model zoo (issue 9) on tiny random models against diffusers: instruct-pix2pix editing
-(``StableDiffusionInstructPix2PixPipeline``, three-way guidance) and depth-to-image with a given depth map
-(``StableDiffusionDepth2ImgPipeline``): same seed -> same image, max|diff| <= 1/255 (measured 0 or 1)."""
+(``StableDiffusionInstructPix2PixPipeline``, three-way guidance), depth-to-image with a given depth map
+(``StableDiffusionDepth2ImgPipeline``) and the x4 upscaler (``StableDiffusionUpscalePipeline``): same seed ->
+same image, max|diff| <= 1/255."""
 
 from __future__ import annotations
 
@@ -34,7 +35,22 @@ def folders(tmp_path_factory) -> dict[str, Path]:
         tokenizer=tiny._tokenizer("!"), unet=tiny.sd2_unet(5), scheduler=tiny._scheduler(), depth_estimator=None,
         feature_extractor=None)
     depth.save_pretrained(root / "depth", safe_serialization=True)
-    return {"pix2pix": root / "pix2pix", "depth": root / "depth"}
+    # the x4 upscaler's layout, tiny: 7 input channels, 1000 noise-level classes, self-attention off where the
+    # official one has it off, a 4x autoencoder with its scaling factor, v-prediction, both schedules LDM's
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=7, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=8, use_linear_projection=True, num_class_embeds=1000,
+        only_cross_attention=(True, False), norm_num_groups=32).eval()
+    up = diffusers.StableDiffusionUpscalePipeline(
+        vae=tiny._vae((32, 32, 64), scaling_factor=0.08333), text_encoder=tiny._text(layers=3, act="gelu", pad_id=0),
+        tokenizer=tiny._tokenizer("!"), unet=unet, max_noise_level=350,
+        low_res_scheduler=diffusers.DDPMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear"),
+        scheduler=diffusers.EulerDiscreteScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear",
+                                                   prediction_type="v_prediction", timestep_spacing="leading",
+                                                   steps_offset=1))
+    up.save_pretrained(root / "upscaler", safe_serialization=True)
+    return {"pix2pix": root / "pix2pix", "depth": root / "depth", "upscaler": root / "upscaler"}
 
 
 def _image(seed: int, size: int = SIZE) -> Image.Image:
@@ -91,6 +107,25 @@ def test_depth2img_matches_diffusers(folders, depth_kind):
     assert _diff(got, flat) > 2, "the depth map must change the image"
 
 
+@pytest.mark.parametrize("noise_level", [20, 150])
+def test_upscale_matches_diffusers(folders, noise_level):
+    import diffusers
+
+    ours = sfumato.load(folders["upscaler"])
+    assert ours.spec.family == "sd2-upscaler"
+    low = _image(5, 16)
+    got = ours.upscale(low, "a sharp photo", "blurry", noise_level=noise_level, steps=4, cfg_scale=7.0,
+                       sampler="euler", schedule="leading", seed=9)
+    assert got.images[0].size == (64, 64)
+    ref = diffusers.StableDiffusionUpscalePipeline.from_pretrained(str(folders["upscaler"]))
+    ref.set_progress_bar_config(disable=True)
+    want = ref("a sharp photo", image=low, negative_prompt="blurry", noise_level=noise_level, num_inference_steps=4,
+               guidance_scale=7.0, generator=torch.Generator().manual_seed(9)).images[0]
+    d = _diff(got.images[0], want)
+    assert d <= 1, f"upscale noise level {noise_level}: max|diff| {d}/255 against diffusers"
+    assert f"Noise level: {noise_level}" in got.infotexts[0]
+
+
 def test_zoo_refusals(folders):
     pix, depth = sfumato.load(folders["pix2pix"]), sfumato.load(folders["depth"])
     with pytest.raises(InvalidParameterError, match="depth2img needs a depth model.*sd1-pix2pix"):
@@ -107,6 +142,11 @@ def test_zoo_refusals(folders):
         depth.depth2img(_image(0), "x", depth_map=np.ones((2, 8, 8)))
     with pytest.raises(InvalidParameterError, match="image_cfg_scale"):
         pix.edit(_image(0), "x", image_cfg_scale=-1)
+    up = sfumato.load(folders["upscaler"])
+    with pytest.raises(InvalidParameterError, match="noise_level=351 is out of range"):
+        up.upscale(_image(0, 16), "x", noise_level=351)
+    with pytest.raises(InvalidParameterError, match="use upscale"):
+        up.generate("x", width=SIZE, height=SIZE, steps=2)
 
 
 def test_cli_edit_and_depth2img(folders, tmp_path):

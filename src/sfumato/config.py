@@ -228,7 +228,9 @@ BUILTIN = ModelSpec(
     default_size=64,
 )
 _UPSCALER_VAE = VAEConfig(ch_mult=(1, 2, 4))
-_LINEAR_SCHEDULE = NoiseScheduleConfig(beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
+# the x4 upscaler's LDM config says linear_start 1e-4, linear_end 0.02 with LDM's "linear" schedule, which is
+# linear in sqrt(beta): diffusers' "scaled_linear" (for its diffusion and its noise augmentation alike)
+_UPSCALER_SCHEDULE = NoiseScheduleConfig(beta_schedule="scaled_linear", beta_start=0.0001, beta_end=0.02)
 _AYS_SDXL = (999, 845, 730, 587, 443, 310, 193, 116, 53, 13, 0)
 
 PRESETS: dict[str, ModelSpec] = {
@@ -242,7 +244,7 @@ PRESETS: dict[str, ModelSpec] = {
         ModelSpec("sd2-inpaint", replace(_SD2_UNET, in_channels=9), _VAE, (_SD2_TEXT,), concat="inpaint"),
         ModelSpec("sd2-depth", replace(_SD2_UNET, in_channels=5), _VAE, (_SD2_TEXT,), concat="depth"),
         ModelSpec("sd2-upscaler", _UPSCALER_UNET, _UPSCALER_VAE, (_SD2_TEXT,), prediction="v",
-                  latent_scale=0.08333, schedule=_LINEAR_SCHEDULE, concat="low_res", default_size=128),
+                  latent_scale=0.08333, schedule=_UPSCALER_SCHEDULE, concat="low_res", default_size=128),
         ModelSpec("sd2-unclip-l", replace(_SD2_UNET, adm_in_channels=1536, adm_kind="image"), _VAE,
                   (_SD2_TEXT,), prediction="v", default_size=768),
         ModelSpec("sd2-unclip-h", replace(_SD2_UNET, adm_in_channels=2048, adm_kind="image"), _VAE,

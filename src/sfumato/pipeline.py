@@ -287,6 +287,29 @@ class Pipeline:
                                         f"({image.width}x{image.height}) rounded down to a multiple of {f}")
         return run(self, p, image=image, concat=concat, callback=callback)
 
+    def upscale(self, image: Image.Image, prompt: str = "", negative_prompt: str = "", *, noise_level: int = 20,
+                steps: int = 75, cfg_scale: float = 9.0, callback: Callable | None = None,
+                **kw: Any) -> GenerationResult:
+        """The SD 2 x4 upscaler: an image 4x larger. The low-res image, noised to ``noise_level`` (0..350) on
+        the model's own schedule, is concatenated to the latent (which has the low-res size) and
+        ``noise_level`` is the UNet's class label; the upscaler's VAE decodes 4x. Randomness as diffusers:
+        the augmentation noise is drawn first, then the initial latent."""
+        self._need_concat("low_res", "upscale", "the x4 upscaler")
+        if isinstance(noise_level, bool) or not isinstance(noise_level, int) or not 0 <= noise_level <= 350:
+            raise InvalidParameterError(f"noise_level={noise_level!r} is out of range: allowed integers 0..350")
+        image = imageops.to_rgb(image)
+        f = self.spec.vae.downscale
+        p = self._params(prompt, negative_prompt, image.width * f, image.height * f,
+                         {**kw, "steps": steps, "cfg_scale": cfg_scale})
+        p = p.replace(seed=_seed(p), extra={**p.extra, "Noise level": noise_level})
+        g = torch.Generator("cpu").manual_seed(p.seed)
+        low = imageops.image_to_tensor(image, image.width, image.height)
+        from sfumato.sampling import discrete_schedule
+
+        abar = discrete_schedule(self.spec.schedule).alphas_cumprod[noise_level].float()
+        low = abar.sqrt() * low + (1 - abar).sqrt() * torch.randn(low.shape, generator=g)
+        return run(self, p, concat=low, labels=torch.tensor([noise_level]), generator=g, callback=callback)
+
     def _need_concat(self, kind: str, method: str, what: str) -> None:
         if self.spec.concat != kind:
             raise InvalidParameterError(f"{method} needs {what}; this model is {self.spec.family}")
@@ -406,8 +429,8 @@ def _size_vector(pipe: Pipeline, cond: Conditioning, p: GenerationParams, batch:
 
 
 def guided_model(pipe: Pipeline, conds: _Conds, p: GenerationParams, state: dict,
-                 concat: torch.Tensor | None, hints: list | None = None,
-                 guess_mode: bool = False) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+                 concat: torch.Tensor | None, hints: list | None = None, guess_mode: bool = False,
+                 labels: torch.Tensor | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The UNet under classifier-free guidance, as ``model(x_in, t) -> eps or v``.
 
     Guidance is applied to the network's output, as diffusers does (so ``guidance_rescale`` matches it);
@@ -440,6 +463,8 @@ def guided_model(pipe: Pipeline, conds: _Conds, p: GenerationParams, state: dict
         ys = [_size_vector(pipe, c, p, b, negative=use_uncond and (i > 0 if pix2pix else i == 0))
               for i, c in enumerate(cs)]
         y = None if ys[0] is None else torch.cat(ys).to(dtype)
+        if labels is not None:  # class labels (the x4 upscaler's noise level): integers, one per row
+            y = labels.to(x_in.device).reshape(-1)[:1].expand(n * b)
         xs = x_in.repeat(n, 1, 1, 1)
         if concat is not None:
             extra = concat.expand(b, -1, -1, -1).repeat(n, 1, 1, 1)
@@ -654,10 +679,11 @@ def run(pipe: Pipeline, p: GenerationParams, *, image: Image.Image | None = None
         latents: torch.Tensor | None = None, callback: Callable | None = None,
         generator: torch.Generator | None = None, handoff: torch.Tensor | None = None,
         output: str = "images", controls: list | None = None, guess_mode: bool = False,
-        concat: torch.Tensor | None = None) -> GenerationResult | Handoff:
+        concat: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> GenerationResult | Handoff:
     """The spine for every mode: txt2img (no image), img2img (image), inpainting (image + mask).
-    ``concat``: the extra UNet input of depth and instruct-pix2pix models (1, C, h, w), made by their
-    methods; an inpainting model's is made here from the image and mask.
+    ``concat``: the extra UNet input of depth, instruct-pix2pix and x4-upscaler models (1, C, h, w), made by
+    their methods; an inpainting model's is made here from the image and mask. ``labels``: the UNet's class
+    labels (the upscaler's noise level), the same for every row.
 
     Ensemble of experts (SDXL base -> refiner): ``p.denoising_end`` stops at that fraction of the noise
     schedule and, with ``output="latents"``, returns a :class:`Handoff` instead of decoding;
@@ -706,9 +732,9 @@ def run(pipe: Pipeline, p: GenerationParams, *, image: Image.Image | None = None
             noise = _noise(shape, seed, p, g) if latents is None else latents.float().cpu()
         if concat is not None:
             concat = concat.to(pipe.device)
-        elif spec.concat in ("depth", "pix2pix"):
-            raise InvalidParameterError(f"a {spec.family} model needs its extra input: use "
-                                        f"{'depth2img' if spec.concat == 'depth' else 'edit'}")
+        elif spec.concat in ("depth", "pix2pix", "low_res"):
+            method = {"depth": "depth2img", "pix2pix": "edit", "low_res": "upscale"}[spec.concat]
+            raise InvalidParameterError(f"a {spec.family} model needs its extra input: use {method}")
         lmask = imageops.latent_mask(pmask, f) if pmask is not None else None
         if pmask is not None:
             if spec.concat == "inpaint":
@@ -739,7 +765,7 @@ def run(pipe: Pipeline, p: GenerationParams, *, image: Image.Image | None = None
 
             hints = [(u, control_tensor(u.image, p.width, p.height, u.resize).to(pipe.device, pipe.dtype))
                      for u in controls]
-        den = make_denoiser(guided_model(pipe, conds, p, state, concat, hints, guess_mode), discrete,
+        den = make_denoiser(guided_model(pipe, conds, p, state, concat, hints, guess_mode, labels), discrete,
                             spec.prediction)
         blend_mask = lmask.to(pipe.device) if blend else None
 
