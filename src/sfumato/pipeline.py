@@ -333,6 +333,8 @@ class Pipeline:
             raise InvalidParameterError(f"unknown parameter(s) {', '.join(unknown)}; "
                                         f"known: {', '.join(GenerationParams.field_names())}")
         size = self.spec.default_size
+        if self.spec.default_cfg is not None and "cfg_scale" not in kw:
+            kw = {**kw, "cfg_scale": self.spec.default_cfg}  # the model's own recommended guidance
         p = GenerationParams(prompt=prompt, negative_prompt=negative, width=size if width is None else width,
                              height=size if height is None else height, **kw)
         return validate(p, size_multiple=self.spec.vae.downscale)
