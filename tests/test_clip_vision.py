@@ -39,6 +39,7 @@ from sfumato.weights.keymap_clip_vision import (
     vision_from_openclip,
     vision_to_openclip,
 )
+from tests import tiny
 
 TOL = 1e-5
 TINY = CLIPVisionConfig(image_size=32, patch_size=8, width=64, layers=2, heads=4, mlp_width=96, projection_dim=48)
@@ -57,15 +58,7 @@ def hf_config(cfg: CLIPVisionConfig, attn: str = "eager") -> HFVisionConfig:
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> None:
-    """Random weights everywhere, LayerNorms included, so a swapped or missed tensor shows."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.2 * noise)
-            else:
-                p.copy_(0.2 * noise)
+    tiny.randomize(model, seed)
 
 
 def reference(cfg: CLIPVisionConfig, attn: str = "eager", seed: int = 0) -> CLIPVisionModelWithProjection:

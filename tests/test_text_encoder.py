@@ -28,6 +28,7 @@ from sfumato.weights.keymap_clip import (
     text_config_from_state_dict,
     text_config_to_diffusers,
 )
+from tests import tiny
 
 BOS, EOS = 49406, 49407
 TOL = 1e-5
@@ -51,17 +52,7 @@ def hf_config(cfg: TextEncoderConfig, eos_token_id: int = EOS, attn: str = "eage
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> None:
-    """Random weights everywhere, LayerNorms included, so a swapped or missed tensor shows."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.2 * noise)
-            elif "embedding" in name:
-                p.copy_(0.5 * noise)
-            else:
-                p.copy_(0.2 * noise)
+    tiny.randomize(model, seed, embedding_scale=0.5)
 
 
 def hf_state_dict(ref: torch.nn.Module) -> dict[str, torch.Tensor]:

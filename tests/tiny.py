@@ -127,3 +127,18 @@ def reference_pipeline(folder: Path):
     pipe = cls.from_pretrained(str(folder), local_files_only=True, **kw)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def randomize(model: torch.nn.Module, seed: int = 0, *, embedding_scale: float = 0.2) -> None:
+    """Random weights everywhere, LayerNorms included (around 1), so a swapped or missed tensor shows;
+    parameters named ``*embedding*`` get ``embedding_scale``, the others 0.2."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.2 * noise)
+            elif "embedding" in name:
+                p.copy_(embedding_scale * noise)
+            else:
+                p.copy_(0.2 * noise)

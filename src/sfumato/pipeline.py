@@ -252,7 +252,7 @@ class Pipeline:
         ``none + cfg_scale * (text - image) + image_cfg_scale * (image - none)`` over the predictions with
         text and image, with the image only, and with neither (diffusers' guidance, used when
         ``cfg_scale > 1`` and ``image_cfg_scale >= 1``)."""
-        self._need_concat("pix2pix", "edit", "an instruct-pix2pix model")
+        self._need_concat("pix2pix", "an instruct-pix2pix model")
         image = imageops.to_rgb(image)
         width, height = self._size_from(image, width, height)
         p = self._params(instruction, negative_prompt, width, height,
@@ -267,7 +267,7 @@ class Pipeline:
         """Depth-conditioned image to image (SD 2 ``512-depth``): img2img with the depth map, resized to the
         latent size (bicubic) and scaled to [-1, 1], concatenated to the latent. ``depth_map``: (H, W)
         relative depth as an array, tensor or greyscale image (larger = nearer, as MiDaS gives it)."""
-        self._need_concat("depth", "depth2img", "a depth model (SD 2 512-depth)")
+        self._need_concat("depth", "a depth model (SD 2 512-depth)")
         image = imageops.to_rgb(image)
         width, height = self._size_from(image, width, height)
         if depth_map is None:
@@ -294,7 +294,7 @@ class Pipeline:
         the model's own schedule, is concatenated to the latent (which has the low-res size) and
         ``noise_level`` is the UNet's class label; the upscaler's VAE decodes 4x. Randomness as diffusers:
         the augmentation noise is drawn first, then the initial latent."""
-        self._need_concat("low_res", "upscale", "the x4 upscaler")
+        self._need_concat("low_res", "the x4 upscaler")
         if isinstance(noise_level, bool) or not isinstance(noise_level, int) or not 0 <= noise_level <= 350:
             raise InvalidParameterError(f"noise_level={noise_level!r} is out of range: allowed integers 0..350")
         image = imageops.to_rgb(image)
@@ -310,9 +310,9 @@ class Pipeline:
         low = abar.sqrt() * low + (1 - abar).sqrt() * torch.randn(low.shape, generator=g)
         return run(self, p, concat=low, labels=torch.tensor([noise_level]), generator=g, callback=callback)
 
-    def _need_concat(self, kind: str, method: str, what: str) -> None:
+    def _need_concat(self, kind: str, what: str) -> None:
         if self.spec.concat != kind:
-            raise InvalidParameterError(f"{method} needs {what}; this model is {self.spec.family}")
+            raise InvalidParameterError(f"{_CONCAT_METHODS[kind]} needs {what}; this model is {self.spec.family}")
 
     def outpaint(self, image: Image.Image, prompt: str = "", negative_prompt: str = "", *, left: int = 0,
                  right: int = 0, up: int = 0, down: int = 0, **kw: Any) -> GenerationResult:
@@ -341,6 +341,10 @@ class Pipeline:
 
 
 # --- the spine ---------------------------------------------------------------------------------
+
+# ModelSpec.concat -> the Pipeline method that makes that extra UNet input (an inpainting model's is made
+# by run() itself from the image and mask)
+_CONCAT_METHODS = {"depth": "depth2img", "pix2pix": "edit", "low_res": "upscale"}
 
 @dataclass
 class _Conds:
@@ -551,18 +555,15 @@ def _control_scales(n: int, guess_mode: bool, mode: str) -> list[float]:
     return [1.0] * n
 
 
-_MODE_LABELS = {"balanced": "Balanced", "prompt": "My prompt is more important",
-                "control": "ControlNet is more important"}
-_RESIZE_LABELS = {"stretch": "Just Resize", "crop": "Crop and Resize", "fill": "Resize and Fill"}
-
-
 def _control_fields(controls: list | None, guess_mode: bool) -> dict[str, Any]:
     """The ControlNet extension's infotext fields: ``ControlNet N: "Model: ..., Weight: ..., ..."``."""
+    from sfumato.adapters.controlnet import CONTROL_MODES, RESIZE_MODES
+
     out: dict[str, Any] = {}
     for k, u in enumerate(controls or []):
-        mode = "Guess" if guess_mode else _MODE_LABELS[u.mode]
+        mode = "Guess" if guess_mode else CONTROL_MODES[u.mode]
         out[f"ControlNet {k}"] = (f"Module: {u.module}, Model: {u.name}, Weight: {u.weight:g}, Resize Mode: "
-                                  f"{_RESIZE_LABELS[u.resize]}, Guidance Start: {u.start:g}, Guidance End: {u.end:g}, "
+                                  f"{RESIZE_MODES[u.resize]}, Guidance Start: {u.start:g}, Guidance End: {u.end:g}, "
                                   f"Control Mode: {mode}")
     return out
 
@@ -734,9 +735,9 @@ def run(pipe: Pipeline, p: GenerationParams, *, image: Image.Image | None = None
             noise = _noise(shape, seed, p, g) if latents is None else latents.float().cpu()
         if concat is not None:
             concat = concat.to(pipe.device)
-        elif spec.concat in ("depth", "pix2pix", "low_res"):
-            method = {"depth": "depth2img", "pix2pix": "edit", "low_res": "upscale"}[spec.concat]
-            raise InvalidParameterError(f"a {spec.family} model needs its extra input: use {method}")
+        elif spec.concat in _CONCAT_METHODS:
+            raise InvalidParameterError(f"a {spec.family} model needs its extra input: use "
+                                        f"{_CONCAT_METHODS[spec.concat]}")
         lmask = imageops.latent_mask(pmask, f) if pmask is not None else None
         if pmask is not None:
             if spec.concat == "inpaint":

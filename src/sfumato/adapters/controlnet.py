@@ -39,11 +39,14 @@ from sfumato.errors import CheckpointError, InvalidParameterError
 from sfumato.models.controlnet import ControlNetConfig, ControlNetModel
 
 __all__ = ["ControlUnit", "load_controlnet", "canny", "control_tensor", "CONTROL_MODES", "RESIZE_MODES",
-           "PREPROCESSORS", "preprocess"]
+           "PREPROCESSORS", "check_preprocessor", "preprocess", "fit_image"]
 
 _PREFIX = "control_model."
-CONTROL_MODES = ("balanced", "prompt", "control")
-RESIZE_MODES = ("stretch", "crop", "fill")
+# our names -> the AUTOMATIC1111 ControlNet extension's labels (its API takes the label or its index; the
+# infotext writes the label)
+CONTROL_MODES = {"balanced": "Balanced", "prompt": "My prompt is more important",
+                 "control": "ControlNet is more important"}
+RESIZE_MODES = {"stretch": "Just Resize", "crop": "Crop and Resize", "fill": "Resize and Fill"}
 
 
 @dataclass
@@ -212,13 +215,18 @@ def _canny(image: Image.Image, low: float, high: float) -> Image.Image:
 PREPROCESSORS = {"none": (_none, None, None), "canny": (_canny, 100, 200), "invert": (_invert, None, None)}
 
 
-def preprocess(image: Image.Image, module: str = "none", threshold_a: float | None = None,
-               threshold_b: float | None = None) -> Image.Image:
-    """A photo -> the control image a ControlNet expects, by a :data:`PREPROCESSORS` name."""
+def check_preprocessor(module: str) -> None:
+    """Raise (naming the available ones) unless ``module`` is a :data:`PREPROCESSORS` name."""
     if module not in PREPROCESSORS:
         raise InvalidParameterError(f"ControlNet preprocessor {module!r} is not available; available: "
                                     f"{', '.join(PREPROCESSORS)} (send a depth, pose, lineart or scribble map "
                                     "made elsewhere as the image, with module 'none')")
+
+
+def preprocess(image: Image.Image, module: str = "none", threshold_a: float | None = None,
+               threshold_b: float | None = None) -> Image.Image:
+    """A photo -> the control image a ControlNet expects, by a :data:`PREPROCESSORS` name."""
+    check_preprocessor(module)
     fn, a, b = PREPROCESSORS[module]
     return fn(image, a if threshold_a is None else threshold_a, b if threshold_b is None else threshold_b)
 

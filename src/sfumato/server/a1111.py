@@ -115,10 +115,6 @@ class ControlRequest:
     threshold_b: float | None = None
 
 
-# the extension's enums, by index and by label
-CONTROL_MODE_NAMES = {"Balanced": "balanced", "My prompt is more important": "prompt",
-                      "ControlNet is more important": "control"}
-RESIZE_MODE_NAMES = {"Just Resize": "stretch", "Crop and Resize": "crop", "Resize and Fill": "fill"}
 _UNIT_FIELDS = {"enabled", "image", "input_image", "mask", "module", "model", "weight", "guidance_start",
                 "guidance_end", "guidance", "control_mode", "resize_mode", "threshold_a", "threshold_b",
                 "processor_res", "pixel_perfect", "low_vram", "guessmode", "lowvram", "save_detected_map",
@@ -314,16 +310,17 @@ def _img2img_fields(req: dict, task: Task, limits: Limits) -> dict[str, Any]:
     return kw
 
 
-def _enum(unit: dict, name: str, value: Any, table: dict[str, str], where: str) -> str:
-    labels = list(table)
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(labels):
-        return table[labels[value]]
+def _enum(name: str, value: Any, table: dict[str, str], where: str) -> str:
+    """One of the extension's enums (``table``: our name -> its label), given by index, label or our name."""
+    ours = list(table)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(ours):
+        return ours[value]
     if isinstance(value, str):
-        for label, ours in table.items():
-            if value.lower() in (label.lower(), ours):
-                return ours
+        for name_, label in table.items():
+            if value.lower() in (label.lower(), name_):
+                return name_
     raise InvalidParameterError(f"{where}.{name}={value!r} is not one of " +
-                                ", ".join(f"{i} {label!r}" for i, label in enumerate(labels)))
+                                ", ".join(f"{i} {label!r}" for i, label in enumerate(table.values())))
 
 
 def _controlnet_units(scripts: Any, task: Task, limits: Limits) -> list[ControlRequest]:
@@ -339,7 +336,7 @@ def _controlnet_units(scripts: Any, task: Task, limits: Limits) -> list[ControlR
     args = entry.get("args") if isinstance(entry, dict) else None
     if not isinstance(args, list):
         raise InvalidParameterError("alwayson_scripts.controlnet.args must be a list of unit objects")
-    from sfumato.adapters.controlnet import PREPROCESSORS
+    from sfumato.adapters.controlnet import CONTROL_MODES, RESIZE_MODES, check_preprocessor
 
     units = []
     for i, unit in enumerate(args):
@@ -363,10 +360,10 @@ def _controlnet_units(scripts: Any, task: Task, limits: Limits) -> list[ControlR
         else:
             image = decode_image(raw, f"{where}.image", limits)
         module = unit.get("module") or "none"
-        if module not in PREPROCESSORS:
-            raise UnknownNameError(f"{where}.module {module!r} is not available; available: "
-                                   f"{', '.join(PREPROCESSORS)} (send a depth, pose, lineart or scribble map made "
-                                   "elsewhere as the image, with module 'none')")
+        try:
+            check_preprocessor(module)
+        except InvalidParameterError as e:
+            raise UnknownNameError(f"{where}.module: {e}") from None
         vals = {}
         for name, default, lo, hi in (("weight", 1.0, 0.0, 10.0), ("guidance_start", 0.0, 0.0, 1.0),
                                       ("guidance_end", 1.0, 0.0, 1.0)):
@@ -383,13 +380,13 @@ def _controlnet_units(scripts: Any, task: Task, limits: Limits) -> list[ControlR
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
                 raise InvalidParameterError(f"{where}.{name}={v!r} must be a number")
             thresholds.append(None if v is None or v < 0 else float(v))  # the extension sends -1 for "default"
-        mode = _enum(unit, "control_mode", unit.get("control_mode", 0), CONTROL_MODE_NAMES, where)
+        mode = _enum("control_mode", unit.get("control_mode", 0), CONTROL_MODES, where)
         if unit.get("guessmode"):  # the extension's pre-1.1 field
             mode = "control"
         units.append(ControlRequest(
             model=unit["model"], image=image, module=module, weight=vals["weight"], start=vals["guidance_start"],
             end=vals["guidance_end"], mode=mode,
-            resize=_enum(unit, "resize_mode", unit.get("resize_mode", 1), RESIZE_MODE_NAMES, where),
+            resize=_enum("resize_mode", unit.get("resize_mode", 1), RESIZE_MODES, where),
             threshold_a=thresholds[0], threshold_b=thresholds[1]))
     return units
 

@@ -145,20 +145,21 @@ def controlnet_files(folder: Path | None) -> dict[str, Path]:
 
 def find_controlnet(folder: Path | None, name: str) -> Path:
     """The ControlNet ``name`` names (a name, or the extension's "name [hash]" title)."""
-    files = controlnet_files(folder)
     if folder is None:
         raise UnknownNameError(f"ControlNet {name!r}: this server has no ControlNet folder (start it with "
                                "--controlnet-dir DIR)")
+    files = controlnet_files(folder)
     key = _HASH_SUFFIX.sub("", name).strip()
     if key not in files:
         raise UnknownNameError(f"unknown ControlNet {name!r}; valid: {', '.join(files) or '(none)'}")
     return files[key]
 
 
-def _folder_signature(folder: Path | None) -> tuple:
-    if folder is None or not folder.is_dir():
-        return ()
-    return tuple((str(p), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file())
+def _embeddings_signature(folder: Path | None) -> tuple:
+    """The embedding files of ``folder`` with their mtimes: a change means the embeddings must be reloaded."""
+    from sfumato.adapters.embeddings import embedding_files
+
+    return tuple((str(p), p.stat().st_mtime_ns) for p in embedding_files(folder))
 
 
 def _checkpoint(path: Path, title: str) -> Checkpoint:
@@ -168,9 +169,14 @@ def _checkpoint(path: Path, title: str) -> Checkpoint:
 
 def pipeline_bytes(pipe) -> int:
     """Bytes of a pipeline's parameters and buffers (shared modules counted once)."""
+    return modules_bytes(pipe.modules())
+
+
+def modules_bytes(modules) -> int:
+    """Bytes of the parameters and buffers of ``modules`` (a tensor shared between them counted once)."""
     seen: set[int] = set()
     total = 0
-    for m in pipe.modules():
+    for m in modules:
         for t in [*m.parameters(), *m.buffers()]:
             if id(t) not in seen:
                 seen.add(id(t))
@@ -214,7 +220,7 @@ class ModelCache:
         from sfumato.adapters.embeddings import load_embedding_dir, unload_embeddings
 
         folder = self.addons.embeddings
-        sig = _folder_signature(folder)
+        sig = _embeddings_signature(folder)
         if self._embeddings.get(id(pipe)) == sig:
             return
         unload_embeddings(pipe)
@@ -234,7 +240,7 @@ class ModelCache:
             self._controlnets[key] = cn
             for k, (p, size) in self._models.items():
                 if p is pipe:
-                    self._models[k] = (p, size + sum(t.numel() * t.element_size() for t in cn.parameters()))
+                    self._models[k] = (p, size + modules_bytes([cn]))
         return self._controlnets[key]
 
     def _evict(self, keep: set[tuple[str, ...]]) -> None:
