@@ -440,7 +440,7 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     def job_json(job_id: str) -> dict[str, Any]:
         job = scheduler.get(job_id)
-        if job is not None:
+        if job is not None and job.state in ("queued", "running"):  # finished: the store has the result
             d = {"id": job.id, "type": job.kind, "api": job.api, "state": job.state, "created": job.created,
                  "started": job.started, "finished": job.finished, "error": job.error,
                  "mode": _mode(job.kind, job.request), "parameters": _parameters(job.request)}

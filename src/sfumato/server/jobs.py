@@ -302,12 +302,17 @@ class Scheduler:
         return []
 
     def _finish(self, job: Job, state: str, *, error: str | None = None, status: int | None = None) -> None:
-        job.state, job.finished, job.error, job.error_status = state, time.time(), error, status
-        job.latent = None
-        job.version += 1
+        # The terminal state, the stored row and leaving ``active`` change together under the lock,
+        # so a reader never sees a finished job without its stored result (views of a job in a
+        # terminal state read the store).
         try:
-            self.store.update(job)
-        finally:
             with self._lock:
-                self.active.pop(job.id, None)
+                job.state, job.finished, job.error, job.error_status = state, time.time(), error, status
+                job.latent = None
+                job.version += 1
+                try:
+                    self.store.update(job)
+                finally:
+                    self.active.pop(job.id, None)
+        finally:
             job.done.set()
