@@ -63,14 +63,14 @@ def sd1_unet(in_channels: int = 4):
         cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32).eval()
 
 
-def sd2_unet(in_channels: int = 4):
+def sd2_unet(in_channels: int = 4, **kw):
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
         sample_size=8, in_channels=in_channels, out_channels=4, block_out_channels=(64, 128), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=64, attention_head_dim=(1, 2), use_linear_projection=True, upcast_attention=True,
-        norm_num_groups=32).eval()
+        norm_num_groups=32, **kw).eval()
 
 
 def sdxl_unet(context: int, pooled: int, n_ids: int, depths=(0, 2)):
@@ -142,3 +142,41 @@ def randomize(model: torch.nn.Module, seed: int = 0, *, embedding_scale: float =
                 p.copy_(embedding_scale * noise)
             else:
                 p.copy_(0.2 * noise)
+
+
+def build_zoo(kind: str, folder: Path, seed: int = 0) -> Path:
+    """Save a tiny random SD 2 zoo pipeline ("pix2pix", "depth" or "upscaler") as a diffusers folder: the
+    layouts of the official instruct-pix2pix, 512-depth and x4-upscaler models at tiny widths (the upscaler:
+    7 input channels, 1000 noise-level classes, self-attention off where the official one has it off, a 4x
+    autoencoder with its scaling factor, v-prediction, LDM's schedules)."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    if kind == "pix2pix":
+        pipe = diffusers.StableDiffusionInstructPix2PixPipeline(
+            vae=_vae((32, 32, 64, 64)), text_encoder=_text(), tokenizer=_tokenizer("<|endoftext|>"),
+            unet=sd1_unet(8), scheduler=_scheduler(), safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
+    elif kind == "depth":
+        pipe = diffusers.StableDiffusionDepth2ImgPipeline(
+            vae=_vae((32, 32, 64, 64)), text_encoder=_text(layers=3, act="gelu", pad_id=0), tokenizer=_tokenizer("!"),
+            unet=sd2_unet(5), scheduler=_scheduler(), depth_estimator=None, feature_extractor=None)
+    elif kind == "upscaler":
+        unet = diffusers.UNet2DConditionModel(
+            sample_size=8, in_channels=7, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64, attention_head_dim=8,
+            use_linear_projection=True, num_class_embeds=1000, only_cross_attention=(True, False),
+            norm_num_groups=32).eval()
+        pipe = diffusers.StableDiffusionUpscalePipeline(
+            vae=_vae((32, 32, 64), scaling_factor=0.08333), text_encoder=_text(layers=3, act="gelu", pad_id=0),
+            tokenizer=_tokenizer("!"), unet=unet, max_noise_level=350,
+            low_res_scheduler=diffusers.DDPMScheduler(beta_start=0.0001, beta_end=0.02,
+                                                      beta_schedule="scaled_linear"),
+            scheduler=diffusers.EulerDiscreteScheduler(
+                beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear", prediction_type="v_prediction",
+                timestep_spacing="leading", steps_offset=1))
+    else:
+        raise ValueError(kind)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder

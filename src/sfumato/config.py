@@ -151,6 +151,9 @@ class ModelSpec:
     schedule: NoiseScheduleConfig = field(default_factory=NoiseScheduleConfig)
     size_conditioning: str | None = None  # "base" (orig size, crop, target) or "refiner" (.., aesthetic)
     concat: str | None = None  # extra UNet input: "inpaint", "depth", "pix2pix", "low_res"
+    # unCLIP: the CLIP image encoder whose (noise-augmented) embedding is the UNet's ADM vector, by its
+    # name in sfumato.models.clip_vision.VISION_PRESETS
+    image_encoder: str | None = None
     default_size: int = 512
     default_cfg: float | None = None  # the guidance scale generation uses when none is given (None: 7)
     # An empty negative prompt is all zeros (context and pooled) instead of the encoded "": SDXL base as
@@ -248,9 +251,9 @@ PRESETS: dict[str, ModelSpec] = {
         ModelSpec("sd2-upscaler", _UPSCALER_UNET, _UPSCALER_VAE, (_SD2_TEXT,), prediction="v",
                   latent_scale=0.08333, schedule=_UPSCALER_SCHEDULE, concat="low_res", default_size=128),
         ModelSpec("sd2-unclip-l", replace(_SD2_UNET, adm_in_channels=1536, adm_kind="image"), _VAE,
-                  (_SD2_TEXT,), prediction="v", default_size=768),
+                  (_SD2_TEXT,), prediction="v", default_size=768, image_encoder="clip-vit-l-14"),
         ModelSpec("sd2-unclip-h", replace(_SD2_UNET, adm_in_channels=2048, adm_kind="image"), _VAE,
-                  (_SD2_TEXT,), prediction="v", default_size=768),
+                  (_SD2_TEXT,), prediction="v", default_size=768, image_encoder="open-clip-vit-h-14"),
         ModelSpec("sdxl", _SDXL_UNET, _VAE, _SDXL_TEXT, latent_scale=0.13025, size_conditioning="base",
                   default_size=1024, zero_empty_negative=True, vae_upcast=True, ays_timesteps=_AYS_SDXL),
         ModelSpec("sdxl-inpaint", replace(_SDXL_UNET, in_channels=9), _VAE, _SDXL_TEXT,

@@ -103,10 +103,16 @@ class Pipeline:
     ema: str | None = field(default=None)  # which UNet copy of a training checkpoint is loaded: "ema" | "raw"
     memory: MemoryOptions = field(default_factory=MemoryOptions)
     lora_dir: Path | None = None  # where <lora:name:weight> prompt tags are looked up
+    # networks some families carry besides the spine's: unCLIP's CLIP image encoder and its embedding
+    # noise augmentor (``spec.image_encoder``), depth2img's MiDaS depth estimator
+    image_encoder: torch.nn.Module | None = None
+    noise_augmentor: torch.nn.Module | None = None
+    depth_model: torch.nn.Module | None = None
     _hash: str | None = field(default=None, repr=False)
 
     def modules(self) -> list[torch.nn.Module]:
-        return [self.unet, self.vae, *self.text_encoders]
+        extras = [m for m in (self.image_encoder, self.noise_augmentor, self.depth_model) if m is not None]
+        return [self.unet, self.vae, *self.text_encoders, *extras]
 
     @property
     def device(self) -> torch.device:
@@ -310,6 +316,37 @@ class Pipeline:
         low = abar.sqrt() * low + (1 - abar).sqrt() * torch.randn(low.shape, generator=g)
         return run(self, p, concat=low, labels=torch.tensor([noise_level]), generator=g, callback=callback)
 
+    def variations(self, image: Image.Image, prompt: str = "", negative_prompt: str = "", *, noise_level: int = 0,
+                   width: int | None = None, height: int | None = None, cfg_scale: float = 10.0,
+                   callback: Callable | None = None, **kw: Any) -> GenerationResult:
+        """SD 2.1 unCLIP image variations: new images of what ``image`` shows, from its CLIP image embedding.
+
+        The embedding (``CLIPImageProcessor``'s preprocessing, then the model's image encoder) is noised to
+        ``noise_level`` (0..999; more noise, looser variations) by the model's noise augmentor and, with the
+        level's sinusoidal embedding, becomes the UNet's ADM vector; the unconditional rows of guidance get
+        zeros. ``prompt`` steers the result too. The latent starts from pure noise (no image latents).
+        Randomness as diffusers' ``StableUnCLIPImg2ImgPipeline``: the embedding's noise is drawn first.
+        Text-to-image through a prior is not offered: no released prior ships with these models."""
+        from sfumato.models.clip_vision import preprocess as clip_preprocess
+
+        if self.image_encoder is None or self.noise_augmentor is None:
+            raise InvalidParameterError(f"variations needs an unCLIP model (SD 2.1 unCLIP L or H) with its image "
+                                        f"encoder; this model is {self.spec.family}")
+        top = self.noise_augmentor.max_noise_level
+        if isinstance(noise_level, bool) or not isinstance(noise_level, int) or not 0 <= noise_level <= top:
+            raise InvalidParameterError(f"noise_level={noise_level!r} is out of range: allowed integers 0..{top}")
+        image = imageops.to_rgb(image)
+        p = self._params(prompt, negative_prompt, width, height, {**kw, "cfg_scale": cfg_scale})
+        p = p.replace(seed=_seed(p), extra={**p.extra, "Noise level": noise_level})
+        g = torch.Generator("cpu").manual_seed(p.seed)
+        with torch.inference_mode():
+            enc = self.image_encoder
+            pixels = clip_preprocess(image, size=enc.cfg.image_size).to(self.device, self.dtype)
+            embeds = enc(pixels).image_embeds.float()
+            noise = torch.randn(embeds.shape, generator=g)
+            y = self.noise_augmentor(embeds, noise_level, noise.to(embeds.device))
+        return run(self, p, labels=y, generator=g, callback=callback)
+
     def _need_concat(self, kind: str, what: str) -> None:
         if self.spec.concat != kind:
             raise InvalidParameterError(f"{_CONCAT_METHODS[kind]} needs {what}; this model is {self.spec.family}")
@@ -469,7 +506,10 @@ def guided_model(pipe: Pipeline, conds: _Conds, p: GenerationParams, state: dict
         ys = [_size_vector(pipe, c, p, b, negative=use_uncond and (i > 0 if pix2pix else i == 0))
               for i, c in enumerate(cs)]
         y = None if ys[0] is None else torch.cat(ys).to(dtype)
-        if labels is not None:  # class labels (the x4 upscaler's noise level): integers, one per row
+        if labels is not None and labels.is_floating_point():  # an ADM vector (unCLIP's image embedding)
+            vec = labels.to(x_in.device, dtype).reshape(1, -1).expand(b, -1)
+            y = torch.cat([torch.zeros_like(vec) if use_uncond and i == 0 else vec for i in range(n)])
+        elif labels is not None:  # class labels (the x4 upscaler's noise level): integers, one per row
             y = labels.to(x_in.device).reshape(-1)[:1].expand(n * b)
         xs = x_in.repeat(n, 1, 1, 1)
         if concat is not None:
@@ -686,7 +726,8 @@ def run(pipe: Pipeline, p: GenerationParams, *, image: Image.Image | None = None
     """The spine for every mode: txt2img (no image), img2img (image), inpainting (image + mask).
     ``concat``: the extra UNet input of depth, instruct-pix2pix and x4-upscaler models (1, C, h, w), made by
     their methods; an inpainting model's is made here from the image and mask. ``labels``: the UNet's class
-    labels (the upscaler's noise level), the same for every row.
+    labels (the upscaler's noise level: integers, the same for every row) or ADM vector (unCLIP's noised image
+    embedding, (1, adm): every conditional row; the unconditional rows of guidance get zeros).
 
     Ensemble of experts (SDXL base -> refiner): ``p.denoising_end`` stops at that fraction of the noise
     schedule and, with ``output="latents"``, returns a :class:`Handoff` instead of decoding;
@@ -738,6 +779,9 @@ def run(pipe: Pipeline, p: GenerationParams, *, image: Image.Image | None = None
         elif spec.concat in _CONCAT_METHODS:
             raise InvalidParameterError(f"a {spec.family} model needs its extra input: use "
                                         f"{_CONCAT_METHODS[spec.concat]}")
+        if spec.unet.adm_kind == "image" and labels is None:
+            raise InvalidParameterError(f"a {spec.family} model is conditioned on an image's CLIP embedding: use "
+                                        "variations")
         lmask = imageops.latent_mask(pmask, f) if pmask is not None else None
         if pmask is not None:
             if spec.concat == "inpaint":

@@ -131,9 +131,17 @@ def discrete_schedule(cfg: NoiseScheduleConfig) -> DiscreteSchedule:
         betas = torch.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, n, dtype=torch.float32) ** 2
     elif cfg.beta_schedule == "linear":
         betas = torch.linspace(cfg.beta_start, cfg.beta_end, n, dtype=torch.float32)
+    elif cfg.beta_schedule == "squaredcos_cap_v2":
+        # Nichol & Dhariwal 2021's cosine schedule (LDM's "cosine", s = 0.008, betas capped at 0.999): the
+        # unCLIP image-embedding noise augmentation's; computed in float64 as diffusers does, then float32
+        def abar(t: float) -> float:
+            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        betas = torch.tensor([min(1 - abar((i + 1) / n) / abar(i / n), 0.999) for i in range(n)], dtype=torch.float32)
     else:
         raise InvalidParameterError(
-            f"beta_schedule {cfg.beta_schedule!r} is not supported; use 'scaled_linear' or 'linear'"
+            f"beta_schedule {cfg.beta_schedule!r} is not supported; use 'scaled_linear', 'linear' or "
+            "'squaredcos_cap_v2'"
         )
     alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)  # float32, as diffusers
     sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5

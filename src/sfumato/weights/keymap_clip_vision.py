@@ -22,6 +22,7 @@ OpenAI CLIP ``clip/model.py`` and OpenCLIP ``open_clip/transformer.py`` (``Visio
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -38,6 +39,8 @@ __all__ = [
     "build_vision_encoder",
     "open_clip_vision_key_map",
     "vision_config_from_diffusers",
+    "vision_config_from_openclip",
+    "vision_config_to_diffusers",
     "vision_from_openclip",
     "vision_to_openclip",
 ]
@@ -159,6 +162,25 @@ def vision_config_from_diffusers(d: dict) -> CLIPVisionConfig:
     if d["hidden_act"] not in ("quick_gelu", "gelu"):
         raise CheckpointError(f"image encoder activation {d['hidden_act']!r} is not supported (quick_gelu, gelu)")
     return CLIPVisionConfig(**{ours: d[theirs] for theirs, ours in _DIFFUSERS_FIELDS.items() if theirs in d})
+
+
+def vision_config_from_openclip(shapes: Mapping[str, tuple[int, ...]], base: CLIPVisionConfig) -> CLIPVisionConfig:
+    """The architecture of an OpenAI/OpenCLIP ``visual.*`` state dict (prefix removed) from its shapes; what
+    shapes cannot tell (head count, activation, LayerNorm epsilon) comes from ``base``, the family's preset."""
+    for k in ("conv1.weight", "positional_embedding", "proj", _R.format(i=0) + "mlp.c_fc.weight"):
+        if k not in shapes:
+            raise CheckpointError(f"OpenCLIP vision encoder: {k} is missing")
+    width, _, patch, _ = shapes["conv1.weight"]
+    grid = round((shapes["positional_embedding"][0] - 1) ** 0.5)
+    return replace(base, image_size=grid * patch, patch_size=patch, width=width, layers=_layer_count(shapes, _R),
+                   mlp_width=shapes[_R.format(i=0) + "mlp.c_fc.weight"][0], projection_dim=shapes["proj"][1])
+
+
+def vision_config_to_diffusers(cfg: CLIPVisionConfig) -> dict[str, Any]:
+    """``CLIPVisionConfig`` -> a transformers ``CLIPVisionModelWithProjection`` config.json dict."""
+    d = {theirs: getattr(cfg, ours) for theirs, ours in _DIFFUSERS_FIELDS.items()}
+    return {**d, "architectures": ["CLIPVisionModelWithProjection"], "model_type": "clip_vision_model",
+            "num_channels": 3}
 
 
 def build_vision_encoder(

@@ -44,6 +44,8 @@ from sfumato.weights.keymap_vae import vae_config_from_diffusers, vae_config_fro
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
+IMAGE_ENCODER_PREFIX = "embedder.model.visual."  # unCLIP's CLIP image tower (OpenAI / OpenCLIP names)
+NOISE_AUGMENTOR_PREFIX = "noise_augmentor."
 
 # Keys an original file may carry that no network here uses, each with the reason.
 IGNORED: tuple[tuple[str, str], ...] = (
@@ -55,7 +57,8 @@ IGNORED: tuple[tuple[str, str], ...] = (
     (r"^denoiser\.", "sgm sigma buffers; derived from the schedule"),
     (r"^low_scale_model\.", "x4 upscaler noise-augmentation schedule buffers"),
     (r"(^|\.)position_ids$", "transformers' position index buffer"),
-    (r"^(embedder|noise_augmentor)\.", "unCLIP image embedder and noise augmentor: not loaded yet"),
+    (r"^embedder\.model\.(?!visual\.)", "unCLIP image embedder: the CLIP model's parts outside its image tower"),
+    (r"^noise_augmentor\.(?!data_mean$|data_std$)", "unCLIP noise-augmentation schedule buffers"),
     (r"^depth_model\.", "depth2img MiDaS estimator: not loaded yet"),
     (r"^loss\.", "autoencoder training loss (LPIPS, discriminator)"),
 )
@@ -147,7 +150,59 @@ def _text_model_level(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _claimed(key: str, spec: ModelSpec) -> bool:
     prefixes = (UNET_PREFIX, VAE_PREFIX) + tuple(t.ckpt_prefix for t in spec.text_encoders)
+    if spec.image_encoder is not None:
+        prefixes += (IMAGE_ENCODER_PREFIX, NOISE_AUGMENTOR_PREFIX)
     return key.startswith(prefixes)
+
+
+def _unclip_single_file(spec: ModelSpec, component: Callable[[str], dict[str, torch.Tensor]],
+                        source: str, dtype: torch.dtype) -> dict[str, nn.Module]:
+    """unCLIP's image encoder (OpenCLIP layout under ``embedder.model.visual.``) and noise augmentor."""
+    from sfumato.models.clip_vision import VISION_PRESETS
+    from sfumato.weights.keymap_clip_vision import build_vision_encoder, vision_config_from_openclip, vision_from_openclip
+
+    visual = component(IMAGE_ENCODER_PREFIX)
+    if not visual:
+        raise CheckpointError(f"{source}: a {spec.family} file needs its image encoder under {IMAGE_ENCODER_PREFIX}; "
+                              "none found")
+    cfg = vision_config_from_openclip({k: tuple(v.shape) for k, v in visual.items()},
+                                      VISION_PRESETS[spec.image_encoder])
+    encoder = build_vision_encoder(cfg, vision_from_openclip(visual, cfg.layers), source=source, dtype=dtype)
+    return {"image_encoder": encoder,
+            "noise_augmentor": _noise_augmentor(cfg.projection_dim, component(NOISE_AUGMENTOR_PREFIX), source)}
+
+
+def _noise_augmentor(dim: int, stats: dict[str, torch.Tensor], source: str, schedule=None) -> nn.Module:
+    from sfumato.models.unclip import NOISE_AUGMENT_SCHEDULE, ImageNoiseAugmentor
+
+    aug = _build(lambda: ImageNoiseAugmentor(dim, schedule or NOISE_AUGMENT_SCHEDULE))
+    assign_weights(aug, {k: v.reshape(1, -1) if v.ndim == 1 else v for k, v in stats.items()}, source=source,
+                   what="noise augmentor")
+    return aug
+
+
+def _unclip_diffusers(folder: Path, index: dict, spec: ModelSpec, dtype: torch.dtype) -> dict[str, nn.Module]:
+    """A diffusers unCLIP folder's ``image_encoder/``, ``image_normalizer/`` and ``image_noising_scheduler/``."""
+    from sfumato.config import NoiseScheduleConfig
+    from sfumato.weights.keymap_clip_vision import build_vision_encoder, vision_config_from_diffusers
+
+    for name in ("image_encoder", "image_normalizer"):
+        if not index.get(name) or index[name][0] is None:
+            raise CheckpointError(f"{folder}: a {spec.family} folder needs {name}/ (model_index.json has none)")
+    cfg = vision_config_from_diffusers(_read_json(folder / "image_encoder" / "config.json"))
+    encoder = build_vision_encoder(cfg, _read_component(folder / "image_encoder", dtype),
+                                   source=f"{folder}/image_encoder", dtype=dtype)
+    norm = _read_component(folder / "image_normalizer", dtype)
+    schedule = None
+    sched_json = folder / "image_noising_scheduler" / "scheduler_config.json"
+    if sched_json.is_file():
+        d = _read_json(sched_json)
+        schedule = NoiseScheduleConfig(beta_schedule=d.get("beta_schedule", "squaredcos_cap_v2"),
+                                       beta_start=d.get("beta_start", 0.0001), beta_end=d.get("beta_end", 0.02),
+                                       num_timesteps=d.get("num_train_timesteps", 1000))
+    renamed = {{"mean": "data_mean", "std": "data_std"}.get(k, k): v for k, v in norm.items()}
+    return {"image_encoder": encoder,
+            "noise_augmentor": _noise_augmentor(cfg.projection_dim, renamed, f"{folder}/image_normalizer", schedule)}
 
 
 def load(
@@ -182,17 +237,17 @@ def load(
         raise CheckpointError(f"{path}: no such file or folder")
     ema = None
     if path.is_dir():
-        spec, unet, vae_model, encoders = _load_diffusers(path, dtype=dtype, prediction=prediction)
+        spec, unet, vae_model, encoders, extras = _load_diffusers(path, dtype=dtype, prediction=prediction)
     else:
-        spec, unet, vae_model, encoders, ema = _load_single_file(path, dtype=dtype, prediction=prediction,
-                                                                  use_ema=use_ema)
+        spec, unet, vae_model, encoders, ema, extras = _load_single_file(path, dtype=dtype, prediction=prediction,
+                                                                          use_ema=use_ema)
     if vae is not None:
         vae_model = load_vae(vae, dtype=dtype)
         vae_json = Path(vae) / "config.json"
         spec = replace(spec, vae_upcast=spec.vae_upcast and vae_json.is_file()
                        and bool(_read_json(vae_json).get("force_upcast", False)))
     pipe = Pipeline(spec=spec, unet=unet, vae=vae_model, text_encoders=encoders,
-                    tokenizer=get_tokenizer(), source=path, ema=ema).to(device)
+                    tokenizer=get_tokenizer(), source=path, ema=ema, **extras).to(device)
     if share is not None:
         share_modules(pipe, share)
     return pipe
@@ -254,10 +309,11 @@ def _load_single_file(path: Path, *, dtype: torch.dtype, prediction: str | None,
             enc = _build(lambda te=te: CLIPTextEncoder(te.config))
             assign_weights(enc, _text_weights(src, te, get), source=str(path), what=f"text encoder {i}")
             encoders.append(enc)
+        extras = _unclip_single_file(spec, component, str(path), dtype) if spec.image_encoder else {}
         has_ema = any(k.startswith("model_ema.") for k in ckpt.keys() if not _ignored(k))
         took_ema = any(routes[k].startswith("model_ema.") for k in routes if k.startswith(UNET_PREFIX))
         ema = ("ema" if took_ema else "raw") if has_ema else None
-    return spec, unet, vae, encoders, ema
+    return spec, unet, vae, encoders, ema, extras
 
 
 # --- diffusers folders ---------------------------------------------------------------------------
@@ -346,7 +402,8 @@ def _load_diffusers(folder: Path, *, dtype: torch.dtype, prediction: str | None)
         enc = _build(lambda te=te: CLIPTextEncoder(te.config))
         assign_weights(enc, sd, source=f"{src}/{name}", what=f"text encoder {i}")
         encoders.append(enc)
-    return spec, unet, vae, encoders
+    extras = _unclip_diffusers(folder, index, spec, dtype) if spec.image_encoder else {}
+    return spec, unet, vae, encoders, extras
 
 
 def _text_layouts(cfgs: list, names: list[str]) -> list[tuple[str, str]]:

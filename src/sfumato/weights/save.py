@@ -67,6 +67,12 @@ def single_file_state_dict(pipe: Pipeline, *, ema_only: bool = True) -> dict[str
         if te.ckpt_layout == "open_clip":
             sd = clip_to_open_clip(sd, te.config)
         out.update({te.ckpt_prefix + k: v for k, v in sd.items()})
+    if pipe.image_encoder is not None:
+        from sfumato.weights.keymap_clip_vision import vision_to_openclip
+        from sfumato.weights.load import IMAGE_ENCODER_PREFIX, NOISE_AUGMENTOR_PREFIX
+
+        out.update({IMAGE_ENCODER_PREFIX + k: v for k, v in vision_to_openclip(pipe.image_encoder.state_dict()).items()})
+        out.update({NOISE_AUGMENTOR_PREFIX + k: v for k, v in pipe.noise_augmentor.state_dict().items()})
     if not ema_only and pipe.ema is not None and pipe.source is not None and pipe.source.is_file():
         out.update(_other_unet_copy(pipe, out))
     return out
@@ -155,15 +161,47 @@ def _write_diffusers_tree(pipe: Pipeline, root: Path, *, half: bool) -> None:
         _write_tokenizer(root / tok, pipe.tokenizer, te.pad_id)
         index[tok] = ["transformers", "CLIPTokenizer"]
 
+    if pipe.image_encoder is not None:
+        _write_unclip(pipe, root, index, half)
     _write_json(root / "scheduler" / "scheduler_config.json", _scheduler_config(spec))
     index["scheduler"] = ["diffusers", "EulerDiscreteScheduler"]
-    if spec.text_encoders and len(spec.text_encoders) == 1 and not spec.size_conditioning:
-        index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+    if spec.text_encoders and len(spec.text_encoders) == 1 and not spec.size_conditioning and not spec.image_encoder:
+        index.update(safety_checker=[None, None], requires_safety_checker=False)
+        index.setdefault("feature_extractor", [None, None])
     if spec.size_conditioning == "refiner":
         index["requires_aesthetics_score"] = True
     if spec.size_conditioning:
         index["force_zeros_for_empty_prompt"] = spec.zero_empty_negative
     _write_json(root / "model_index.json", index)
+
+
+def _write_unclip(pipe: Pipeline, root: Path, index: dict, half: bool) -> None:
+    """unCLIP's image encoder, embedding statistics, augmentation schedule and image processor, as
+    ``StableUnCLIPImg2ImgPipeline`` folders hold them."""
+    from sfumato.models.clip_vision import CLIP_MEAN, CLIP_STD
+    from sfumato.weights.keymap_clip_vision import vision_config_to_diffusers
+
+    cfg, aug = pipe.image_encoder.cfg, pipe.noise_augmentor
+    _write_json(root / "image_encoder" / "config.json", vision_config_to_diffusers(cfg))
+    io.write_safetensors(root / "image_encoder" / "model.safetensors", _cast(pipe.image_encoder.state_dict(), half))
+    _write_json(root / "image_normalizer" / "config.json",
+                {"_class_name": "StableUnCLIPImageNormalizer", "embedding_dim": aug.dim})
+    io.write_safetensors(root / "image_normalizer" / "diffusion_pytorch_model.safetensors",
+                         _cast({"mean": aug.data_mean, "std": aug.data_std}, half))
+    sched = aug.schedule
+    _write_json(root / "image_noising_scheduler" / "scheduler_config.json",
+                {"_class_name": "DDPMScheduler", "beta_schedule": sched.beta_schedule, "beta_start": sched.beta_start,
+                 "beta_end": sched.beta_end, "num_train_timesteps": sched.num_timesteps})
+    _write_json(root / "feature_extractor" / "preprocessor_config.json",
+                {"image_processor_type": "CLIPImageProcessor", "do_resize": True,
+                 "size": {"shortest_edge": cfg.image_size}, "resample": 3, "do_center_crop": True,
+                 "crop_size": {"height": cfg.image_size, "width": cfg.image_size}, "do_rescale": True,
+                 "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(CLIP_MEAN),
+                 "image_std": list(CLIP_STD), "do_convert_rgb": True})
+    index.update(image_encoder=["transformers", "CLIPVisionModelWithProjection"],
+                 image_normalizer=["stable_diffusion", "StableUnCLIPImageNormalizer"],
+                 image_noising_scheduler=["diffusers", "DDPMScheduler"],
+                 feature_extractor=["transformers", "CLIPImageProcessor"])
 
 
 def _text_encoder_names(spec) -> list[str]:
