@@ -169,3 +169,105 @@ def test_cli_edit_and_depth2img(folders, tmp_path):
     assert _diff(Image.open(tmp_path / "d.png").convert("RGB"), want.images[0]) == 0
     assert main(["edit", str(tmp_path / "in.png"), "x", "--model", str(folders["pix2pix"]), "--image-cfg", "-2",
                  *common, "-o", str(tmp_path / "bad.png")]) == 2
+
+
+def _field(h: int, w: int) -> torch.Tensor:
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    return torch.stack([torch.sin(xx / 7) + torch.cos(yy / 5), xx / w - yy / h])[None]  # (1, 2, h, w), smooth
+
+
+def _window_edges(tiling, n: int) -> set[int]:
+    return {s for s in tiling.starts(n) if s > 0} | {s + tiling.size for s in tiling.starts(n) if s + tiling.size < n}
+
+
+def test_tiling_is_exact_for_local_operators_away_from_window_edges():
+    """A 3x3 convolution tiled equals it untiled wherever the window edge (where the window's zero padding
+    differs from the true neighbours) is more than a pixel away: the blend itself adds no error."""
+    from sfumato.pipeline import Tiling
+
+    x, extra = _field(70, 90), torch.randn(1, 1, 70, 90, generator=torch.Generator().manual_seed(0))
+    conv = torch.nn.Conv2d(3, 2, 3, padding=1)
+
+    def fn(x, e):
+        with torch.no_grad():
+            return conv(torch.cat([x, e], 1))
+
+    t = Tiling(24, 8)
+    got, want = t.apply(fn, x, extra), fn(x, extra)
+    near = torch.zeros(70, 90, dtype=torch.bool)
+    for e in _window_edges(t, 70):
+        near[max(e - 1, 0):e + 1] = True
+    for e in _window_edges(t, 90):
+        near[:, max(e - 1, 0):e + 1] = True
+    err = (got - want).abs()[0].amax(0)
+    assert err[~near].max() < 1e-5, f"tiled vs untiled away from window edges: max|diff| {err[~near].max():.2e}"
+    assert err[near].max() > 1e-4, "the window edges see zero padding: a test that cannot see them proves nothing"
+
+
+@pytest.mark.parametrize("overlap,seamless", [(8, True), (0, False)])
+def test_tiling_blend_leaves_no_seam(overlap, seamless):
+    """A window-global operator (GroupNorm-like: each window minus its mean) shows every seam a tiling makes:
+    with the feathered overlap the largest step across a window edge is no larger than the largest step
+    elsewhere; without overlap (control) the edges jump."""
+    from sfumato.pipeline import Tiling
+
+    x = _field(64, 96)
+    t = Tiling(32, overlap)
+    out = t.apply(lambda x, e: x - x.mean(dim=(-2, -1), keepdim=True), x)[0]
+    step_x = (out[..., 1:] - out[..., :-1]).abs().amax(dim=(0, 1))  # per column boundary c|c+1
+    edges = [e - 1 for e in _window_edges(t, 96)]
+    others = [i for i in range(95) if i not in edges]
+    at_edges, elsewhere = float(step_x[edges].max()), float(step_x[others].max())
+    assert (at_edges <= elsewhere * 1.01) == seamless, f"overlap {overlap}: step {at_edges:.3f} at window edges, " \
+                                                       f"{elsewhere:.3f} elsewhere"
+
+
+def test_tiled_upscale(folders):
+    """The x4 upscaler tiled: a tile as large as the image is the untiled path (bit for bit); smaller tiles
+    give the full-size image, recorded in the infotext, differing from the untiled one no more at the window
+    edges than elsewhere (the tiny random model differs everywhere: attention and group norms see one window;
+    measured mean |diff| 12/255 on this random model, far less on a trained one)."""
+    up = sfumato.load(folders["upscaler"])
+    yy, xx = np.mgrid[0:48, 0:48]
+    low = Image.fromarray(np.stack([xx * 5, yy * 5, (xx + yy) * 2], -1).astype(np.uint8))
+    kw = dict(steps=3, cfg_scale=7.0, sampler="euler", seed=3, noise_level=20)
+    whole = up.upscale(low, "x", tile_size=None, **kw)
+    assert "Tile size" not in whole.infotexts[0]
+    assert _diff(up.upscale(low, "x", tile_size=48, **kw).images[0], whole.images[0]) == 0
+    tiled = up.upscale(low, "x", tile_size=24, tile_overlap=8, **kw)
+    assert tiled.images[0].size == (192, 192) and "Tile size: 24, Tile overlap: 8" in tiled.infotexts[0]
+    d = np.abs(np.asarray(tiled.images[0], np.float32) - np.asarray(whole.images[0], np.float32)).mean(axis=(0, 2))
+    from sfumato.pipeline import Tiling
+
+    edges = [4 * e for e in _window_edges(Tiling(24, 8), 48)]
+    assert d[edges].max() <= 1.5 * np.median(d), f"tiled vs untiled at window edges {d[edges]}, median {np.median(d)}"
+    with pytest.raises(InvalidParameterError, match="tile overlap 20 is out of range: allowed integers 0..12"):
+        up.upscale(low, "x", tile_size=24, tile_overlap=20, **kw)
+
+
+def test_depth2img_estimates_depth_like_diffusers(folders, tmp_path):
+    """No depth map given: the folder's MiDaS DPT-Hybrid (a tiny random one) estimates it from the image,
+    as StableDiffusionDepth2ImgPipeline does with its depth_estimator and DPTImageProcessor."""
+    import diffusers
+    from transformers import DPTImageProcessorPil
+
+    from tests.test_depth import reference
+
+    torch.manual_seed(0)
+    ref = diffusers.StableDiffusionDepth2ImgPipeline.from_pretrained(
+        str(folders["depth"]), depth_estimator=reference(), feature_extractor=DPTImageProcessorPil(
+            size={"height": 64, "width": 64}))
+    ref.save_pretrained(tmp_path / "depth-est", safe_serialization=True)
+    ref.set_progress_bar_config(disable=True)
+    ours = sfumato.load(tmp_path / "depth-est")
+    assert ours.depth_model is not None
+    image = _image(6)
+    got = ours.depth2img(image, "a room", "blurry", strength=0.7, steps=4, cfg_scale=6.0, sampler="euler",
+                         schedule="leading", seed=8).images[0]
+    want = ref("a room", image=image, negative_prompt="blurry", strength=0.7, num_inference_steps=4,
+               guidance_scale=6.0, generator=torch.Generator().manual_seed(8)).images[0]
+    d = _diff(got, want)
+    assert d <= 1, f"depth2img with estimated depth: max|diff| {d}/255 against diffusers"
+    flat = ours.depth2img(image, "a room", "blurry", strength=0.7, steps=4, cfg_scale=6.0, sampler="euler",
+                          schedule="leading", seed=8, depth_map=np.indices((64, 64))[1].astype(np.float32)).images[0]
+    assert _diff(got, flat) > 2, "the estimated depth must be what conditions the image"

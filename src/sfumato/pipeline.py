@@ -272,14 +272,21 @@ class Pipeline:
                   callback: Callable | None = None, **kw: Any) -> GenerationResult:
         """Depth-conditioned image to image (SD 2 ``512-depth``): img2img with the depth map, resized to the
         latent size (bicubic) and scaled to [-1, 1], concatenated to the latent. ``depth_map``: (H, W)
-        relative depth as an array, tensor or greyscale image (larger = nearer, as MiDaS gives it)."""
+        relative depth as an array, tensor or greyscale image (larger = nearer, as MiDaS gives it); None:
+        estimated from ``image`` by the model's MiDaS DPT-Hybrid network (``depth_model``, shipped in the
+        official file and in diffusers folders as ``depth_estimator``)."""
         self._need_concat("depth", "a depth model (SD 2 512-depth)")
         image = imageops.to_rgb(image)
         width, height = self._size_from(image, width, height)
-        if depth_map is None:
-            raise InvalidParameterError("depth2img needs depth_map: sfumato does not estimate depth yet (give an "
+        if depth_map is None and self.depth_model is None:
+            raise InvalidParameterError("depth2img needs depth_map: this model has no depth estimator (give an "
                                         "(H, W) depth map as an array or greyscale image)")
         p = self._params(prompt, negative_prompt, width, height, {**kw, "strength": strength})
+        if depth_map is None:
+            from sfumato.models.depth import estimate_depth
+
+            with torch.inference_mode():
+                depth_map = estimate_depth(self.depth_model, image, self.depth_model.preprocessing).float().cpu()
         depth = imageops.depth_to_tensor(depth_map)[:, None]  # (1, 1, H, W)
         f = self.spec.vae.downscale
         depth = torch.nn.functional.interpolate(depth, size=(image.height // f, image.width // f), mode="bicubic",
@@ -294,13 +301,23 @@ class Pipeline:
         return run(self, p, image=image, concat=concat, callback=callback)
 
     def upscale(self, image: Image.Image, prompt: str = "", negative_prompt: str = "", *, noise_level: int = 20,
-                steps: int = 75, cfg_scale: float = 9.0, callback: Callable | None = None,
-                **kw: Any) -> GenerationResult:
+                steps: int = 75, cfg_scale: float = 9.0, tile_size: int | None = None, tile_overlap: int = 32,
+                callback: Callable | None = None, **kw: Any) -> GenerationResult:
         """The SD 2 x4 upscaler: an image 4x larger. The low-res image, noised to ``noise_level`` (0..350) on
         the model's own schedule, is concatenated to the latent (which has the low-res size) and
         ``noise_level`` is the UNet's class label; the upscaler's VAE decodes 4x. Randomness as diffusers:
-        the augmentation noise is drawn first, then the initial latent."""
+        the augmentation noise is drawn first, then the initial latent.
+
+        Large inputs run tiled (:class:`Tiling`): windows of ``tile_size`` input pixels sharing
+        ``tile_overlap`` with each neighbour, and the autoencoder decodes in tiles of the same size.
+        ``tile_size`` None: untiled up to ``UPSCALE_UNTILED`` pixels a side (where the UNet's first
+        attention level still fits in memory), 128-pixel tiles above. Tiled output is not identical to
+        untiled (attention sees one window), but has no seams (tests/test_zoo.py measures both)."""
         self._need_concat("low_res", "the x4 upscaler")
+        if tile_size is None:
+            tile_size = UPSCALE_TILE if max(image.size) > UPSCALE_UNTILED else None
+        tiling = (Tiling(tile_size, tile_overlap)
+                  if tile_size is not None and max(image.size) > tile_size else None)
         if isinstance(noise_level, bool) or not isinstance(noise_level, int) or not 0 <= noise_level <= 350:
             raise InvalidParameterError(f"noise_level={noise_level!r} is out of range: allowed integers 0..350")
         image = imageops.to_rgb(image)
@@ -314,7 +331,10 @@ class Pipeline:
 
         abar = discrete_schedule(self.spec.schedule).alphas_cumprod[noise_level].float()
         low = abar.sqrt() * low + (1 - abar).sqrt() * torch.randn(low.shape, generator=g)
-        return run(self, p, concat=low, labels=torch.tensor([noise_level]), generator=g, callback=callback)
+        if tiling is not None:
+            p = p.replace(extra={**p.extra, "Tile size": tiling.size, "Tile overlap": tiling.overlap})
+        return run(self, p, concat=low, labels=torch.tensor([noise_level]), generator=g, callback=callback,
+                   tiling=tiling)
 
     def variations(self, image: Image.Image, prompt: str = "", negative_prompt: str = "", *, noise_level: int = 0,
                    width: int | None = None, height: int | None = None, cfg_scale: float = 10.0,
@@ -375,6 +395,12 @@ class Pipeline:
         p = GenerationParams(prompt=prompt, negative_prompt=negative, width=size if width is None else width,
                              height=size if height is None else height, **kw)
         return validate(p, size_multiple=self.spec.vae.downscale)
+
+
+# The x4 upscaler runs untiled up to this input size (a side, pixels) and in UPSCALE_TILE windows above: its
+# first attention level is at half the input size, so a 512 px input would attend over 65536 tokens.
+UPSCALE_UNTILED = 256
+UPSCALE_TILE = 128
 
 
 # --- the spine ---------------------------------------------------------------------------------
@@ -471,14 +497,69 @@ def _size_vector(pipe: Pipeline, cond: Conditioning, p: GenerationParams, batch:
     return torch.cat([cond.pooled, emb], dim=1).expand(batch, -1)
 
 
+@dataclass(frozen=True)
+class Tiling:
+    """The denoiser run in overlapping ``size`` x ``size`` latent windows (``overlap`` latent pixels shared
+    with each neighbour), its outputs blended with weights that ramp linearly across each shared strip
+    (MultiDiffusion, Bar-Tal et al. 2023, with feathered instead of uniform weights): memory bounded by one
+    window whatever the latent size. Not exact: attention sees one window at a time."""
+
+    size: int
+    overlap: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 8:
+            raise InvalidParameterError(f"tile size {self.size!r} is too small: allowed integers >= 8 (latent pixels)")
+        if isinstance(self.overlap, bool) or not isinstance(self.overlap, int) or not 0 <= self.overlap < self.size // 2 + 1:
+            raise InvalidParameterError(f"tile overlap {self.overlap!r} is out of range: allowed integers "
+                                        f"0..{self.size // 2} for {self.size}-pixel tiles")
+
+    def starts(self, n: int) -> list[int]:
+        """Window starts along an axis of ``n`` latent pixels (the last window flush with the end)."""
+        if n <= self.size:
+            return [0]
+        stride = self.size - self.overlap
+        return sorted({*range(0, n - self.size, stride), n - self.size})
+
+    def weights(self, start: int, length: int, n: int) -> torch.Tensor:
+        """Blend weights of one window along an axis: ramps over the strips shared with a neighbour, 1 elsewhere
+        (so the image's own borders are not faded)."""
+        w = torch.ones(length)
+        ramp = torch.arange(1, self.overlap + 1, dtype=torch.float32) / (self.overlap + 1)
+        if start > 0 and self.overlap:
+            w[: self.overlap] = ramp
+        if start + length < n and self.overlap:
+            w[length - self.overlap:] = torch.minimum(w[length - self.overlap:], ramp.flip(0))
+        return w
+
+    def apply(self, fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], x: torch.Tensor,
+              extra: torch.Tensor | None = None) -> torch.Tensor:
+        """``fn(x, extra)`` window by window (``extra``: a spatial input cut the same way, or None), blended."""
+        h, w = x.shape[-2:]
+        if h <= self.size and w <= self.size:
+            return fn(x, extra)
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        total = torch.zeros((1, 1, h, w), dtype=torch.float32, device=x.device)
+        for y0 in self.starts(h):
+            for x0 in self.starts(w):
+                win = (..., slice(y0, y0 + self.size), slice(x0, x0 + self.size))
+                part = fn(x[win], extra[win] if extra is not None else None)
+                weight = (self.weights(y0, part.shape[-2], h)[:, None] * self.weights(x0, part.shape[-1], w)[None, :])
+                out[win] += part.float() * weight.to(x.device)
+                total[win] += weight.to(x.device)
+        return out / total
+
+
 def guided_model(pipe: Pipeline, conds: _Conds, p: GenerationParams, state: dict,
                  concat: torch.Tensor | None, hints: list | None = None, guess_mode: bool = False,
-                 labels: torch.Tensor | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+                 labels: torch.Tensor | None = None,
+                 tiling: Tiling | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The UNet under classifier-free guidance, as ``model(x_in, t) -> eps or v``.
 
     Guidance is applied to the network's output, as diffusers does (so ``guidance_rescale`` matches it);
     the negative and every AND part go through the UNet in one batch, negative first. ``cfg_scale == 1``
-    with a single prompt part skips the negative pass.
+    with a single prompt part skips the negative pass. ``tiling``: the guided model runs window by window
+    over ``x_in`` and the spatial ``concat`` (see :class:`Tiling`).
     """
     unet = pipe.unet
     dtype = pipe.dtype
@@ -487,7 +568,15 @@ def guided_model(pipe: Pipeline, conds: _Conds, p: GenerationParams, state: dict
     if pix2pix_edit and len(conds.parts) != 1:
         raise InvalidParameterError("edit takes one instruction: AND-composed prompts are not supported there")
 
+    if tiling is not None and (hints or p.deepcache > 1):
+        raise InvalidParameterError("tiled denoising works without ControlNet units and step caching (deepcache)")
+
     def model(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if tiling is None:
+            return one(x_in, t, concat)
+        return tiling.apply(lambda x, c: one(x, t, c), x_in, concat)
+
+    def one(x_in: torch.Tensor, t: torch.Tensor, concat: torch.Tensor | None) -> torch.Tensor:
         step = state["step"]
         b = x_in.shape[0]
         parts = [(w, _Conds.at(s, step)) for w, s in conds.parts]
@@ -657,27 +746,29 @@ def _vae_tile(pipe: Pipeline) -> int:
     return pipe.memory.vae_tile or pipe.spec.default_size
 
 
-def _vae_decode(pipe: Pipeline, z: torch.Tensor) -> torch.Tensor:
+def _vae_decode(pipe: Pipeline, z: torch.Tensor, tile: int | None = None) -> torch.Tensor:
     m, f = pipe.memory, pipe.spec.vae.downscale
     parts = z.split(1) if m.vae_slicing else (z,)
-    if m.vae_tiling:
-        out = [pipe.vae.decode_tiled(x, max(1, _vae_tile(pipe) // f), m.vae_tile_overlap) for x in parts]
+    if m.vae_tiling or tile is not None:
+        tile = tile if tile is not None else max(1, _vae_tile(pipe) // f)
+        out = [pipe.vae.decode_tiled(x, tile, m.vae_tile_overlap) for x in parts]
     else:
         out = [pipe.vae.decode(x) for x in parts]
     return out[0] if len(out) == 1 else torch.cat(out)
 
 
-def decode(pipe: Pipeline, latents: torch.Tensor) -> list[Image.Image]:
+def decode(pipe: Pipeline, latents: torch.Tensor, *, tile: int | None = None) -> list[Image.Image]:
     """Scaled latents -> images. A half-precision autoencoder that overflows (non-finite pixels) decodes
-    again in fp32, with a warning the first time; one the spec marks (``vae_upcast``) decodes in fp32."""
+    again in fp32, with a warning the first time; one the spec marks (``vae_upcast``) decodes in fp32.
+    ``tile``: decode in tiles of that many latent pixels whatever ``pipe.memory`` says."""
     z = latents / pipe.spec.latent_scale + pipe.spec.latent_shift
     with _vae_precision(pipe, upcast=pipe.spec.vae_upcast) as dtype:
-        pixels = _vae_decode(pipe, z.to(pipe.device, dtype))
+        pixels = _vae_decode(pipe, z.to(pipe.device, dtype), tile)
     if not torch.isfinite(pixels).all() and dtype != torch.float32:
         _warn_once("vae-overflow", f"the autoencoder overflowed in {dtype} (non-finite pixels); decoding in "
                    "float32 (pass an fp16-safe VAE with vae= to avoid the retry)")
         with _vae_precision(pipe, upcast=True) as dtype:
-            pixels = _vae_decode(pipe, z.to(pipe.device, dtype))
+            pixels = _vae_decode(pipe, z.to(pipe.device, dtype), tile)
     return imageops.tensor_to_images(pixels)
 
 
@@ -722,7 +813,8 @@ def run(pipe: Pipeline, p: GenerationParams, *, image: Image.Image | None = None
         latents: torch.Tensor | None = None, callback: Callable | None = None,
         generator: torch.Generator | None = None, handoff: torch.Tensor | None = None,
         output: str = "images", controls: list | None = None, guess_mode: bool = False,
-        concat: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> GenerationResult | Handoff:
+        concat: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+        tiling: Tiling | None = None) -> GenerationResult | Handoff:
     """The spine for every mode: txt2img (no image), img2img (image), inpainting (image + mask).
     ``concat``: the extra UNet input of depth, instruct-pix2pix and x4-upscaler models (1, C, h, w), made by
     their methods; an inpainting model's is made here from the image and mask. ``labels``: the UNet's class
@@ -733,6 +825,9 @@ def run(pipe: Pipeline, p: GenerationParams, *, image: Image.Image | None = None
     schedule and, with ``output="latents"``, returns a :class:`Handoff` instead of decoding;
     ``p.denoising_start`` starts there, from ``handoff`` latents as they are (no noise added, no image
     encoded, ``strength`` unused), drawing from ``generator`` where the first expert left it.
+
+    ``tiling``: the denoiser runs in overlapping latent windows and the autoencoder decodes in tiles of the
+    same size (large upscales).
     """
     from sfumato.sampling import SAMPLERS, discrete_schedule, get_sigmas, make_denoiser, split_for_experts
 
@@ -812,7 +907,7 @@ def run(pipe: Pipeline, p: GenerationParams, *, image: Image.Image | None = None
 
             hints = [(u, control_tensor(u.image, p.width, p.height, u.resize).to(pipe.device, pipe.dtype))
                      for u in controls]
-        den = make_denoiser(guided_model(pipe, conds, p, state, concat, hints, guess_mode, labels), discrete,
+        den = make_denoiser(guided_model(pipe, conds, p, state, concat, hints, guess_mode, labels, tiling), discrete,
                             spec.prediction)
         blend_mask = lmask.to(pipe.device) if blend else None
 
@@ -832,7 +927,7 @@ def run(pipe: Pipeline, p: GenerationParams, *, image: Image.Image | None = None
         if output == "latents":
             return Handoff(latents=x, generator=g, params=p, seed=seed)
         x = x / math.sqrt(1 + float(sigmas[-1]) ** 2)
-        images = decode(pipe, x)
+        images = decode(pipe, x, tile=tiling.size if tiling is not None else None)
         if pmask is not None and p.mask_blur > 0:
             images = [Image.composite(im, image.resize(im.size), mask.convert("L").resize(im.size).filter(
                 imageops.ImageFilter.GaussianBlur(p.mask_blur))) for im in images]

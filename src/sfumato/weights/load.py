@@ -46,6 +46,7 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 IMAGE_ENCODER_PREFIX = "embedder.model.visual."  # unCLIP's CLIP image tower (OpenAI / OpenCLIP names)
 NOISE_AUGMENTOR_PREFIX = "noise_augmentor."
+DEPTH_MODEL_PREFIX = "depth_model.model."  # depth2img's MiDaS DPT-Hybrid (MiDaS / timm names)
 
 # Keys an original file may carry that no network here uses, each with the reason.
 IGNORED: tuple[tuple[str, str], ...] = (
@@ -59,7 +60,7 @@ IGNORED: tuple[tuple[str, str], ...] = (
     (r"(^|\.)position_ids$", "transformers' position index buffer"),
     (r"^embedder\.model\.(?!visual\.)", "unCLIP image embedder: the CLIP model's parts outside its image tower"),
     (r"^noise_augmentor\.(?!data_mean$|data_std$)", "unCLIP noise-augmentation schedule buffers"),
-    (r"^depth_model\.", "depth2img MiDaS estimator: not loaded yet"),
+    (r"^depth_model\.model\.pretrained\.model\.head\.", "timm's ImageNet classifier head of the MiDaS backbone (never run)"),
     (r"^loss\.", "autoencoder training loss (LPIPS, discriminator)"),
 )
 _IGNORED_RE = [(re.compile(p), why) for p, why in IGNORED]
@@ -152,7 +153,46 @@ def _claimed(key: str, spec: ModelSpec) -> bool:
     prefixes = (UNET_PREFIX, VAE_PREFIX) + tuple(t.ckpt_prefix for t in spec.text_encoders)
     if spec.image_encoder is not None:
         prefixes += (IMAGE_ENCODER_PREFIX, NOISE_AUGMENTOR_PREFIX)
+    if spec.concat == "depth":
+        prefixes += (DEPTH_MODEL_PREFIX,)
     return key.startswith(prefixes)
+
+
+def _depth_single_file(component: Callable[[str], dict[str, torch.Tensor]], source: str,
+                       dtype: torch.dtype) -> dict[str, nn.Module]:
+    """depth2img's MiDaS DPT-Hybrid (``depth_model.model.*``), with the original repo's input transform
+    (AddMiDaS: 384 px keeping the aspect ratio, sides multiples of 32, bicubic, mean = std = 0.5)."""
+    from sfumato.models.depth import DEPTH_PRESETS, DepthPreprocessing
+    from sfumato.weights.keymap_depth import build_depth_estimator
+
+    tensors = component(DEPTH_MODEL_PREFIX)
+    if not tensors:
+        return {}  # a depth UNet without its estimator: depth maps must be given
+    model = build_depth_estimator(DEPTH_PRESETS["dpt-hybrid"], tensors, source=source, dtype=dtype)
+    model.preprocessing = DepthPreprocessing(keep_aspect_ratio=True, ensure_multiple_of=32)
+    return {"depth_model": model}
+
+
+def _depth_diffusers(folder: Path, index: dict, dtype: torch.dtype) -> dict[str, nn.Module]:
+    """A diffusers depth folder's ``depth_estimator/`` (transformers DPTForDepthEstimation) and its
+    ``feature_extractor/`` preprocessing."""
+    from sfumato.models.depth import DepthPreprocessing
+    from sfumato.weights.keymap_depth import (
+        build_depth_estimator,
+        depth_config_from_transformers,
+        depth_from_transformers,
+        preprocessing_from_transformers,
+    )
+
+    if not index.get("depth_estimator") or index["depth_estimator"][0] is None:
+        return {}
+    cfg = depth_config_from_transformers(_read_json(folder / "depth_estimator" / "config.json"))
+    model = build_depth_estimator(cfg, depth_from_transformers(_read_component(folder / "depth_estimator", dtype), cfg),
+                                  source=f"{folder}/depth_estimator", dtype=dtype)
+    prep_json = folder / "feature_extractor" / "preprocessor_config.json"
+    model.preprocessing = (preprocessing_from_transformers(_read_json(prep_json)) if prep_json.is_file()
+                           else DepthPreprocessing())
+    return {"depth_model": model}
 
 
 def _unclip_single_file(spec: ModelSpec, component: Callable[[str], dict[str, torch.Tensor]],
@@ -310,6 +350,8 @@ def _load_single_file(path: Path, *, dtype: torch.dtype, prediction: str | None,
             assign_weights(enc, _text_weights(src, te, get), source=str(path), what=f"text encoder {i}")
             encoders.append(enc)
         extras = _unclip_single_file(spec, component, str(path), dtype) if spec.image_encoder else {}
+        if spec.concat == "depth":
+            extras.update(_depth_single_file(component, str(path), dtype))
         has_ema = any(k.startswith("model_ema.") for k in ckpt.keys() if not _ignored(k))
         took_ema = any(routes[k].startswith("model_ema.") for k in routes if k.startswith(UNET_PREFIX))
         ema = ("ema" if took_ema else "raw") if has_ema else None
@@ -403,6 +445,8 @@ def _load_diffusers(folder: Path, *, dtype: torch.dtype, prediction: str | None)
         assign_weights(enc, sd, source=f"{src}/{name}", what=f"text encoder {i}")
         encoders.append(enc)
     extras = _unclip_diffusers(folder, index, spec, dtype) if spec.image_encoder else {}
+    if spec.concat == "depth":
+        extras.update(_depth_diffusers(folder, index, dtype))
     return spec, unet, vae, encoders, extras
 
 

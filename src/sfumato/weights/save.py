@@ -73,6 +73,10 @@ def single_file_state_dict(pipe: Pipeline, *, ema_only: bool = True) -> dict[str
 
         out.update({IMAGE_ENCODER_PREFIX + k: v for k, v in vision_to_openclip(pipe.image_encoder.state_dict()).items()})
         out.update({NOISE_AUGMENTOR_PREFIX + k: v for k, v in pipe.noise_augmentor.state_dict().items()})
+    if pipe.depth_model is not None:
+        from sfumato.weights.load import DEPTH_MODEL_PREFIX
+
+        out.update({DEPTH_MODEL_PREFIX + k: v for k, v in pipe.depth_model.state_dict().items()})
     if not ema_only and pipe.ema is not None and pipe.source is not None and pipe.source.is_file():
         out.update(_other_unet_copy(pipe, out))
     return out
