@@ -102,7 +102,7 @@ def test_cancel_running_and_queued_jobs(tiny_models, tmp_path):
         assert httpx.delete(f"{srv.url}/api/v1/jobs/{long_id}").status_code == 409
         assert httpx.get(f"{srv.url}/api/v1/jobs/nope").status_code == 404
         assert httpx.delete(f"{srv.url}/api/v1/jobs/nope").status_code == 404
-        r = httpx.post(srv.url + "/api/v1/jobs", json={**JOB, "type": "upscale"})
+        r = httpx.post(srv.url + "/api/v1/jobs", json={**JOB, "type": "teleport"})
         assert r.status_code == 422 and "txt2img, img2img" in r.json()["detail"]
         # a job failing while it runs is recorded, and the worker goes on
         broken = {**JOB, "override_settings": {"sd_model_checkpoint": "broken.safetensors"}}

@@ -32,31 +32,7 @@ def _diff(a, b) -> int:
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    import diffusers
-    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
-    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    root = tmp_path_factory.mktemp("unclip")
-    torch.manual_seed(0)
-    # unCLIP-L's shape where it picks the family (a 768-wide embedding, so a 1536-wide ADM vector) and
-    # ViT-L's head count and activation; everything else tiny
-    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
-        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=16,
-        intermediate_size=64, projection_dim=768, hidden_act="quick_gelu")).eval()
-    tiny.randomize(encoder, 1)
-    norm = StableUnCLIPImageNormalizer(embedding_dim=768)
-    with torch.no_grad():
-        norm.mean.normal_(0, 0.3)
-        norm.std.uniform_(0.5, 1.5)
-    pipe = diffusers.StableUnCLIPImg2ImgPipeline(
-        feature_extractor=CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-        image_encoder=encoder, image_normalizer=norm,
-        image_noising_scheduler=diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2"),
-        tokenizer=tiny._tokenizer("!"), text_encoder=tiny._text(layers=3, act="gelu", pad_id=0),
-        unet=tiny.sd2_unet(class_embed_type="projection", projection_class_embeddings_input_dim=1536),
-        scheduler=tiny._scheduler("v_prediction"), vae=tiny._vae((32, 32, 64, 64)))
-    pipe.save_pretrained(root / "unclip", safe_serialization=True)
-    return root / "unclip"
+    return tiny.build_zoo("unclip", tmp_path_factory.mktemp("unclip") / "unclip", seed=0)
 
 
 def _reference(path: Path):
@@ -118,3 +94,16 @@ def test_variations_refusals(folder):
     other = sfumato.load()
     with pytest.raises(InvalidParameterError, match="variations needs an unCLIP model"):
         other.variations(_image(0))
+
+
+def test_cli_variations(folder, tmp_path):
+    from sfumato.cli import main
+
+    _image(7).save(tmp_path / "in.png")
+    assert main(["variations", str(tmp_path / "in.png"), "a boat", "--model", str(folder), "--noise-level", "40",
+                 "--width", "64", "--height", "64", "--steps", "3", "--seed", "1", "--sampler", "euler", "-q",
+                 "-o", str(tmp_path / "v.png")]) == 0
+    want = sfumato.load(folder).variations(_image(7), "a boat", noise_level=40, width=64, height=64, steps=3, seed=1,
+                                           sampler="euler")
+    out = Image.open(tmp_path / "v.png")
+    assert _diff(out.convert("RGB"), want.images[0]) == 0 and "Noise level: 40" in out.info["parameters"]

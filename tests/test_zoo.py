@@ -271,3 +271,23 @@ def test_depth2img_estimates_depth_like_diffusers(folders, tmp_path):
     flat = ours.depth2img(image, "a room", "blurry", strength=0.7, steps=4, cfg_scale=6.0, sampler="euler",
                           schedule="leading", seed=8, depth_map=np.indices((64, 64))[1].astype(np.float32)).images[0]
     assert _diff(got, flat) > 2, "the estimated depth must be what conditions the image"
+
+
+def test_cli_upscale_and_estimated_depth(folders, tmp_path):
+    from sfumato.cli import main
+
+    _image(4, 24).save(tmp_path / "small.png")
+    common = ["--steps", "3", "--seed", "2", "--sampler", "euler", "-q"]
+    assert main(["upscale", str(tmp_path / "small.png"), "sharp", "--model", str(folders["upscaler"]),
+                 "--noise-level", "30", "--tile", "16", "--tile-overlap", "4", *common,
+                 "-o", str(tmp_path / "u.png")]) == 0
+    want = sfumato.load(folders["upscaler"]).upscale(_image(4, 24), "sharp", noise_level=30, tile_size=16,
+                                                     tile_overlap=4, steps=3, seed=2, sampler="euler")
+    out = Image.open(tmp_path / "u.png")
+    assert out.size == (96, 96) and _diff(out.convert("RGB"), want.images[0]) == 0
+    assert "Noise level: 30" in out.info["parameters"] and "Tile size: 16" in out.info["parameters"]
+    assert main(["upscale", str(tmp_path / "small.png"), "--model", str(folders["upscaler"]), "--width", "64",
+                 *common, "-o", str(tmp_path / "bad.png")]) == 2
+    # a depth model without an estimator and no --depth: a clear refusal, exit 2
+    assert main(["depth2img", str(tmp_path / "small.png"), "x", "--model", str(folders["depth"]), *common,
+                 "-o", str(tmp_path / "d.png")]) == 2

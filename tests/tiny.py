@@ -145,7 +145,7 @@ def randomize(model: torch.nn.Module, seed: int = 0, *, embedding_scale: float =
 
 
 def build_zoo(kind: str, folder: Path, seed: int = 0) -> Path:
-    """Save a tiny random SD 2 zoo pipeline ("pix2pix", "depth" or "upscaler") as a diffusers folder: the
+    """Save a tiny random SD 2 zoo pipeline ("pix2pix", "depth", "upscaler" or "unclip") as a diffusers folder: the
     layouts of the official instruct-pix2pix, 512-depth and x4-upscaler models at tiny widths (the upscaler:
     7 input channels, 1000 noise-level classes, self-attention off where the official one has it off, a 4x
     autoencoder with its scaling factor, v-prediction, LDM's schedules)."""
@@ -176,7 +176,33 @@ def build_zoo(kind: str, folder: Path, seed: int = 0) -> Path:
             scheduler=diffusers.EulerDiscreteScheduler(
                 beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear", prediction_type="v_prediction",
                 timestep_spacing="leading", steps_offset=1))
+    elif kind == "unclip":
+        pipe = _unclip()
     else:
         raise ValueError(kind)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def _unclip():
+    """unCLIP-L's shape where it picks the family (a 768-wide image embedding, so a 1536-wide ADM vector)
+    and ViT-L's head count and activation; everything else tiny. Random embedding statistics."""
+    import diffusers
+    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
+    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=16,
+        intermediate_size=64, projection_dim=768, hidden_act="quick_gelu")).eval()
+    randomize(encoder, 1)
+    norm = StableUnCLIPImageNormalizer(embedding_dim=768)
+    with torch.no_grad():
+        norm.mean.normal_(0, 0.3)
+        norm.std.uniform_(0.5, 1.5)
+    return diffusers.StableUnCLIPImg2ImgPipeline(
+        feature_extractor=CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        image_encoder=encoder, image_normalizer=norm,
+        image_noising_scheduler=diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2"),
+        tokenizer=_tokenizer("!"), text_encoder=_text(layers=3, act="gelu", pad_id=0),
+        unet=sd2_unet(class_embed_type="projection", projection_class_embeddings_input_dim=1536),
+        scheduler=_scheduler("v_prediction"), vae=_vae((32, 32, 64, 64)))

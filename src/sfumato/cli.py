@@ -349,9 +349,26 @@ def build_parser() -> argparse.ArgumentParser:
     dp = sub.add_parser("depth2img", help="image to image kept to a depth map (SD 2 depth models)")
     dp.add_argument("image", metavar="IMAGE")
     dp.add_argument("prompt", nargs="?", default="")
-    dp.add_argument("--depth", required=True, metavar="DEPTH", help="depth map (greyscale image, larger = nearer)")
+    dp.add_argument("--depth", metavar="DEPTH", help="depth map (greyscale image, larger = nearer); default: "
+                    "estimated from IMAGE by the model's MiDaS network")
     dp.add_argument("--strength", type=float, help="denoising strength, 0..1 (default: 0.8)")
     _generation_options(dp)
+
+    up = sub.add_parser("upscale", help="4x larger with the SD 2 x4 upscaler")
+    up.add_argument("image", metavar="IMAGE")
+    up.add_argument("prompt", nargs="?", default="")
+    up.add_argument("--noise-level", type=int, default=20, help="noise added to the input, 0..350 (default: 20)")
+    up.add_argument("--tile", type=int, metavar="PX", help="denoise in tiles of PX input pixels (default: "
+                    "untiled up to 256 px inputs, 128 px tiles above)")
+    up.add_argument("--tile-overlap", type=int, default=32, metavar="PX", help="pixels tiles share (default: 32)")
+    _generation_options(up)
+
+    va = sub.add_parser("variations", help="variations of an image (SD 2.1 unCLIP models)")
+    va.add_argument("image", metavar="IMAGE")
+    va.add_argument("prompt", nargs="?", default="")
+    va.add_argument("--noise-level", type=int, default=0, help="noise added to the image embedding, 0..999; "
+                    "more = looser variations (default: 0)")
+    _generation_options(va)
 
     inf = sub.add_parser("info", help="print the generation parameters stored in an image")
     inf.add_argument("image", metavar="IMAGE")
@@ -404,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "pixels (default: 4096x4096)")
     sv.add_argument("--max-output-pixels", type=int, default=2048 * 2048, help="largest output image, in "
                     "pixels (default: 2048x2048)")
+    sv.add_argument("--upscaler-steps", type=int, default=20, help="steps of an SD x4 upscaler model used as an "
+                    "upscaler (extras, hires fix; default: 20)")
+    sv.add_argument("--upscaler-noise-level", type=int, default=20, help="its noise level, 0..350 (default: 20)")
 
     from sfumato.train.command import add_arguments as add_train_arguments
 
@@ -567,8 +587,9 @@ def _generate(args: argparse.Namespace) -> int:
         raise InvalidParameterError("--switch-at needs --refiner")
     if args.switch_at is not None and not 0.0 < args.switch_at < 1.0:
         raise InvalidParameterError(f"--switch-at {args.switch_at} is out of range: allowed strictly between 0 and 1")
-    if args.command == "outpaint" and (args.width is not None or args.height is not None):
-        raise InvalidParameterError("outpaint takes its size from the extended canvas; drop --width/--height")
+    if args.command in ("outpaint", "upscale") and (args.width is not None or args.height is not None):
+        what = "the extended canvas" if args.command == "outpaint" else "the input (4x)"
+        raise InvalidParameterError(f"{args.command} takes its size from {what}; drop --width/--height")
     for path in _output_paths(args, kw.get("batch_size", 1)) or []:
         check_output(path, overwrite=args.overwrite)
     image = load_image(args.image) if args.command != "generate" else None
@@ -636,8 +657,14 @@ def _generate(args: argparse.Namespace) -> int:
         elif args.command == "edit":
             res = pipe.edit(image, args.prompt, args.negative, callback=progress, **size, **kw)
         elif args.command == "depth2img":
-            res = pipe.depth2img(image, args.prompt, args.negative, depth_map=load_image(args.depth).convert("L"),
-                                 callback=progress, **size, **kw)
+            depth = load_image(args.depth).convert("L") if args.depth is not None else None
+            res = pipe.depth2img(image, args.prompt, args.negative, depth_map=depth, callback=progress, **size, **kw)
+        elif args.command == "upscale":
+            res = pipe.upscale(image, args.prompt, args.negative, noise_level=args.noise_level,
+                               tile_size=args.tile, tile_overlap=args.tile_overlap, callback=progress, **kw)
+        elif args.command == "variations":
+            res = pipe.variations(image, args.prompt, args.negative, noise_level=args.noise_level,
+                                  callback=progress, **size, **kw)
         else:
             res = pipe.outpaint(image, args.prompt, args.negative, left=args.left, right=args.right, up=args.up,
                                 down=args.down, callback=progress, **kw)
@@ -719,7 +746,8 @@ def _serve(args: argparse.Namespace) -> int:
         cors_origins=tuple(o.strip() for o in (args.cors_allow_origins or "").split(",") if o.strip()),
         devices=tuple(_device(d) for d in (args.device or ["auto"])), dtype=args.dtype,
         model_memory=int(args.model_memory * 2**30), max_body=int(args.max_body_mb * 2**20),
-        limits=Limits(max_image_pixels=args.max_image_pixels, max_output_pixels=args.max_output_pixels))
+        limits=Limits(max_image_pixels=args.max_image_pixels, max_output_pixels=args.max_output_pixels),
+        upscaler_steps=args.upscaler_steps, upscaler_noise_level=args.upscaler_noise_level)
     if config.model is not None and not config.model.exists():
         raise CheckpointError(f"{config.model}: no such file or folder")
     for flag, folder in (("--models-dir", config.models_dir), ("--lora-dir", config.lora_dir),
@@ -749,7 +777,7 @@ def _train(args: argparse.Namespace) -> int:
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "generate": _generate, "img2img": _generate, "inpaint": _generate, "outpaint": _generate, "edit": _generate,
-    "depth2img": _generate,
+    "depth2img": _generate, "upscale": _generate, "variations": _generate,
     "info": _info, "models": _models, "convert": _convert, "train": _train, "serve": _serve,
 }
 

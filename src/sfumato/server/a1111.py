@@ -8,6 +8,9 @@ unknown sampler, schedule or model :class:`~sfumato.server.models.UnknownNameErr
 valid names), undecodable base64 or image data ``RequestError(400)``, an image over the pixel limit
 ``RequestError(413)``.
 
+``hr_upscaler`` names a latent upscaler, an image upscaler ("None", "Lanczos", "Nearest") or one of the
+server's SD x4 upscaler models (``parse``'s ``model_upscalers``; :mod:`sfumato.server.extras` runs it).
+
 Fields sfumato has no feature for (``restore_faces``, ``tiling``, ``styles``, scripts, ``resize_mode``
 other than 0 "Just resize", ``image_cfg_scale``, ``initial_noise_multiplier``) are accepted and ignored,
 as the web UI ignores what an absent extension would have read.
@@ -84,6 +87,16 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class UpscalerOptions:
+    """How the server runs an SD x4 upscaler model as an upscaler (extras, hires fix): ``sfumato serve
+    --upscaler-steps`` / ``--upscaler-noise-level``; the prompt is the generation's (empty in extras)."""
+
+    steps: int = 20
+    noise_level: int = 20
+    cfg_scale: float = 9.0  # Pipeline.upscale's default
+
+
+@dataclass(frozen=True)
 class Hires:
     """The hires fix: a txt2img pass, an upscale (latent or image), an img2img pass at the larger size."""
 
@@ -125,7 +138,7 @@ _UNIT_FIELDS = {"enabled", "image", "input_image", "mask", "module", "model", "w
 class Task:
     """One request, checked and ready for a worker. ``params.seed`` is resolved (never -1)."""
 
-    kind: str  # "txt2img" | "img2img"
+    kind: str  # "txt2img" | "img2img" | "extras" | a zoo method (sfumato.server.zoo.KINDS)
     params: GenerationParams
     n_iter: int = 1
     model: str | None = None  # a Registry title; None: the options' sd_model_checkpoint
@@ -138,6 +151,10 @@ class Task:
     send_images: bool = True
     echo: dict[str, Any] = field(default_factory=dict)  # the request with defaults, as "parameters"
     controls: list[ControlRequest] = field(default_factory=list)
+    upscalers: tuple[str, ...] = ()  # upscaler models (Registry.upscalers names) the job runs besides ``model``
+    upscaler_options: UpscalerOptions = field(default_factory=UpscalerOptions)
+    method_kw: dict[str, Any] = field(default_factory=dict)  # a zoo method's own keywords (checked), by name
+    extras: Any = None  # kind "extras": a sfumato.server.extras.ExtrasRequest
 
 
 def decode_image(data: Any, field_name: str, limits: Limits) -> Image.Image:
@@ -222,8 +239,11 @@ def resolve_sampler_name(sampler: Any, schedule: Any) -> tuple[str, str]:
         raise UnknownNameError(str(e)) from None
 
 
-def parse(kind: str, body: Any, options: dict[str, Any], limits: Limits) -> Task:
-    """A webui txt2img / img2img request body -> Task (raises as the module docstring says)."""
+def parse(kind: str, body: Any, options: dict[str, Any], limits: Limits,
+          model_upscalers: dict[str, str] | None = None) -> Task:
+    """A webui txt2img / img2img request body -> Task (raises as the module docstring says).
+    ``model_upscalers``: the server's upscaler models, every name they answer to -> their name
+    (``Registry.upscaler_names``), which ``hr_upscaler`` may name besides the latent and image upscalers."""
     if not isinstance(body, dict):
         raise RequestError(400, "the request body must be a JSON object")
     defaults = TXT2IMG_DEFAULTS if kind == "txt2img" else IMG2IMG_DEFAULTS
@@ -276,7 +296,9 @@ def parse(kind: str, body: Any, options: dict[str, Any], limits: Limits) -> Task
                                         "between 0 and 1")
         task.refiner_switch_at = float(switch)
     if kind == "txt2img" and req["enable_hr"]:
-        task.hires = _hires(req, p, limits)
+        task.hires = _hires(req, p, limits, model_upscalers or {})
+        if task.hires.upscaler not in LATENT_UPSCALERS and task.hires.upscaler not in IMAGE_UPSCALERS:
+            task.upscalers = (task.hires.upscaler,)
     task.controls = _controlnet_units(req["alwayson_scripts"], task, limits)
     echo = dict(req)
     if kind == "img2img" and not req["include_init_images"]:
@@ -391,7 +413,7 @@ def _controlnet_units(scripts: Any, task: Task, limits: Limits) -> list[ControlR
     return units
 
 
-def _hires(req: dict, p: GenerationParams, limits: Limits) -> Hires:
+def _hires(req: dict, p: GenerationParams, limits: Limits, model_upscalers: dict[str, str]) -> Hires:
     scale = _float(req, "hr_scale", 1.0, 8.0)
     rx, ry = _int(req, "hr_resize_x", 0, 8192), _int(req, "hr_resize_y", 0, 8192)
     if rx == 0 and ry == 0:
@@ -408,8 +430,10 @@ def _hires(req: dict, p: GenerationParams, limits: Limits) -> Hires:
                                     f"{limits.max_output_pixels} pixels per image (lower hr_scale)")
     upscaler = req["hr_upscaler"] or "Latent"
     if upscaler not in LATENT_UPSCALERS and upscaler not in IMAGE_UPSCALERS:
-        raise UnknownNameError(f"unknown hr_upscaler {upscaler!r}; valid: "
-                               f"{', '.join([*LATENT_UPSCALERS, *IMAGE_UPSCALERS])}")
+        if not isinstance(upscaler, str) or upscaler not in model_upscalers:
+            valid = [*LATENT_UPSCALERS, *IMAGE_UPSCALERS, *dict.fromkeys(model_upscalers.values())]
+            raise UnknownNameError(f"unknown hr_upscaler {upscaler!r}; valid: {', '.join(valid)}")
+        upscaler = model_upscalers[upscaler]
     strength = req["denoising_strength"]
     strength = 0.7 if strength is None else strength  # webui's txt2img hires default
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:

@@ -5,7 +5,7 @@ covered too): the API key (``Authorization: Bearer KEY``, ``X-API-Key: KEY`` or 
 browsers' EventSource) or HTTP basic credentials when any are configured, and the body size limit
 (413). The web page's own scripts and styles (``GET /static/...``, the files in the package) are public,
 so a page opened with ``?api_key=KEY`` can load them; ``/`` and every API route need credentials. Errors are JSON ``{"error": <kind>, "detail": <message>}``: 400 malformed input or an unknown
-sampler/model (the message lists the valid names), 401 no or wrong credentials, 404 no such job,
+sampler/model/upscaler (the message lists the valid names), 401 no or wrong credentials, 404 no such job,
 413 too large, 422 a value out of range (the message names the field and the allowed range).
 """
 
@@ -29,10 +29,10 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 
 from sfumato.errors import InvalidParameterError, SfumatoError
-from sfumato.server import a1111
-from sfumato.server.a1111 import Limits, RequestError
+from sfumato.server import a1111, extras, zoo
+from sfumato.server.a1111 import Limits, RequestError, UpscalerOptions
 from sfumato.server.jobs import TERMINAL, Job, JobStore, Scheduler, error_status
-from sfumato.server.models import AddonDirs, Registry, controlnet_files, find_controlnet
+from sfumato.server.models import AddonDirs, Registry, UnknownNameError, controlnet_files, find_controlnet
 
 
 STATIC = Path(__file__).parent / "static"  # the web UI: index.html, app.js, style.css (no outside resources)
@@ -61,12 +61,19 @@ class ServerConfig:
     model_memory: int = 8 * 2**30  # bytes of loaded models per device before LRU eviction
     max_body: int = 64 * 2**20
     limits: Limits = field(default_factory=Limits)
+    upscaler_steps: int = 20  # an SD x4 upscaler model used as an upscaler (extras, hires fix)
+    upscaler_noise_level: int = 20
 
     @property
     def auth_required(self) -> bool:
         return bool(self.api_keys or self.api_auth)
 
     def check(self) -> None:
+        if not 1 <= self.upscaler_steps <= 10000:
+            raise ServerConfigError(f"--upscaler-steps {self.upscaler_steps} is out of range: allowed 1..10000")
+        if not 0 <= self.upscaler_noise_level <= 350:
+            raise ServerConfigError(f"--upscaler-noise-level {self.upscaler_noise_level} is out of range: "
+                                    "allowed 0..350")
         if self.host not in ("127.0.0.1", "localhost", "::1") and not self.auth_required:
             raise ServerConfigError(f"refusing to listen on {self.host} without authentication: give --api-key "
                                     "KEY or --api-auth USER:PASSWORD")
@@ -177,11 +184,15 @@ def create_app(config: ServerConfig) -> FastAPI:
     registry = Registry(config.model, config.models_dir)
     options = default_options(registry)
     store = JobStore(config.db_path or data / "jobs.sqlite3")
+    upscaling = UpscalerOptions(steps=config.upscaler_steps, noise_level=config.upscaler_noise_level)
 
     def parse(kind: str, body: Any) -> a1111.Task:
+        if kind in zoo.KINDS:
+            return parse_zoo(kind, body)
         if kind not in ("txt2img", "img2img"):
-            raise InvalidParameterError(f"type={kind!r} is not one of txt2img, img2img")
-        task = a1111.parse(kind, body, options, config.limits)
+            raise InvalidParameterError(f"type={kind!r} is not one of {', '.join(['txt2img', 'img2img', *zoo.KINDS])}")
+        task = a1111.parse(kind, body, options, config.limits, registry.upscaler_names())
+        task.upscaler_options = upscaling
         for name in (task.model, task.refiner):
             if name is not None:
                 registry.find(name)
@@ -189,6 +200,21 @@ def create_app(config: ServerConfig) -> FastAPI:
             find_controlnet(config.controlnet_dir, unit.model)
         if task.model is None:
             registry.find(None)
+        return task
+
+    def parse_zoo(kind: str, body: Any) -> a1111.Task:
+        task = zoo.parse_zoo(kind, body, options, config.limits)
+        need = zoo.KINDS[kind]
+        if task.model is not None:
+            ckpt = registry.find(task.model, upscaler=kind == "upscale")
+        else:  # the first checkpoint that can run the method
+            fits = [c for c in registry.all() if (s := registry.spec(c)) is not None and need.fits(s)]
+            if not fits:
+                raise UnknownNameError(f"type={kind!r} needs {need.what}; this server has none (models: "
+                                       f"{', '.join(c.title for c in registry.all()) or '(none)'})")
+            ckpt = fits[0]
+        zoo.check_model(kind, ckpt.title, registry.spec(ckpt))
+        task.model = ckpt.title
         return task
 
     scheduler = Scheduler(store, registry, outputs, devices=list(config.devices), dtype=config.dtype,
@@ -227,7 +253,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     async def generate(kind: str, request: Request) -> JSONResponse:
         body = await body_of(request)
         task = await asyncio.to_thread(parse, kind, body)
-        job = scheduler.submit("a1111", kind, task, _storable(body))
+        job = scheduler.submit("a1111", kind, task, _storable(kind, body))
         await wait(job)
         if job.state == "failed":
             return JSONResponse({"error": "GenerationError", "detail": job.error}, status_code=job.error_status or 500)
@@ -238,6 +264,31 @@ def create_app(config: ServerConfig) -> FastAPI:
         if task.send_images:
             images = await asyncio.to_thread(lambda: [a1111.encode_png(im, t) for im, t in zip(o.images, o.infotexts)])
         return JSONResponse({"images": images, "parameters": task.echo, "info": a1111.info_json(task, o)})
+
+    async def run_extras(request: Request, batch: bool) -> JSONResponse:
+        body = await body_of(request)
+        task = await asyncio.to_thread(lambda: extras.parse_extras(
+            body, batch=batch, model_upscalers=registry.upscaler_names(), options=upscaling, limits=config.limits))
+        job = scheduler.submit("a1111", "extras", task, _storable("extras", body))
+        await wait(job)
+        if job.state == "failed":
+            return JSONResponse({"error": "UpscaleError", "detail": job.error}, status_code=job.error_status or 500)
+        if job.state == "cancelled":
+            return JSONResponse({"error": "cancelled", "detail": f"job {job.id} was cancelled"}, status_code=409)
+        o = job.outcome
+        info = extras.html_info(o.infotexts[-1] if o.infotexts else "")
+        encoded = await asyncio.to_thread(lambda: [extras.encode_png(im) for im in o.images])
+        if batch:
+            return JSONResponse({"html_info": info, "images": encoded if task.extras.show else []})
+        return JSONResponse({"html_info": info, "image": encoded[0]})
+
+    @app.post("/sdapi/v1/extra-single-image")
+    async def extra_single_image(request: Request) -> JSONResponse:
+        return await run_extras(request, batch=False)
+
+    @app.post("/sdapi/v1/extra-batch-images")
+    async def extra_batch_images(request: Request) -> JSONResponse:
+        return await run_extras(request, batch=True)
 
     @app.post("/sdapi/v1/txt2img")
     async def txt2img(request: Request) -> JSONResponse:
@@ -331,8 +382,11 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.get("/sdapi/v1/upscalers")
     async def upscalers() -> list[dict[str, Any]]:
-        return [{"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
-                for n in a1111.IMAGE_UPSCALERS]
+        builtin = [{"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+                   for n in a1111.IMAGE_UPSCALERS]
+        models = await asyncio.to_thread(registry.upscalers)
+        return builtin + [{"name": c.model_name, "model_name": c.model_name, "model_path": str(c.path),
+                           "model_url": None, "scale": 4} for c in models]
 
     @app.get("/sdapi/v1/latent-upscale-modes")
     async def latent_modes() -> list[dict[str, Any]]:
@@ -473,7 +527,7 @@ def create_app(config: ServerConfig) -> FastAPI:
             raise RequestError(400, "the request body must be a JSON object")
         kind = body.get("type", "txt2img")
         task = await asyncio.to_thread(parse, kind, body)
-        job = scheduler.submit("native", kind, task, _storable(body))
+        job = scheduler.submit("native", kind, task, _storable(kind, body))
         return {"id": job.id, "state": job.state, "url": f"/api/v1/jobs/{job.id}",
                 "events": f"/api/v1/jobs/{job.id}/events"}
 
@@ -565,15 +619,19 @@ class _NotFound(SfumatoError):
     pass
 
 
-def _storable(body: dict[str, Any]) -> dict[str, Any]:
-    """The request as recorded (and re-parsed after a restart)."""
+def _storable(kind: str, body: dict[str, Any]) -> dict[str, Any]:
+    """The request as recorded (and re-parsed after a restart; extras requests, never re-run, without images)."""
+    if kind in zoo.KINDS:
+        return zoo.storable(body)
+    if kind == "extras":
+        return {k: v for k, v in body.items() if k in extras.EXTRAS_DEFAULTS and k not in ("image", "imageList")}
     return {k: v for k, v in body.items() if k in a1111.IMG2IMG_DEFAULTS or k in a1111.TXT2IMG_DEFAULTS
             or k == "type"}
 
 
 def _parameters(request: dict[str, Any]) -> dict[str, Any]:
     """A job's recorded request (its seed resolved) without the input images, for listings and reuse."""
-    return {k: v for k, v in request.items() if k not in ("init_images", "mask")}
+    return {k: v for k, v in request.items() if k not in ("init_images", "mask", *zoo.IMAGE_FIELDS)}
 
 
 def _mode(kind: str, request: dict[str, Any]) -> str:

@@ -11,7 +11,13 @@ Hires fix (webui's ``enable_hr``): the txt2img pass at (width, height), an upsca
 an img2img pass on the same pipeline. Latent upscalers interpolate the final latents
 (``torch.nn.functional.interpolate``) and the second pass starts from them noised to
 ``denoising_strength`` (the spine's ``denoising_start`` hand-off, fresh noise from the seed); image
-upscalers ("Lanczos", "Nearest", "None" = Lanczos) decode, resize and run :meth:`Pipeline.img2img`.
+upscalers ("Lanczos", "Nearest", "None" = Lanczos) decode, resize and run :meth:`Pipeline.img2img`; an SD x4
+upscaler model (``hr_upscaler`` naming one) upscales the decoded image with the generation's prompt
+(``extras.model_upscale``) before the resize, as a pass of its own (interrupt and skip wait for the
+img2img pass, whose x0 the base model can decode).
+
+The zoo's job types ("upscale", "edit", "depth2img") call their :class:`~sfumato.pipeline.Pipeline` method
+per iteration; an "extras" task (webui's Extras upscaling) runs ``extras.run_extras`` once.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from PIL import Image
 from sfumato.errors import InvalidParameterError
 from sfumato.params import GenerationParams, validate
 from sfumato.server.a1111 import IMAGE_UPSCALERS, LATENT_UPSCALERS, Task
+from sfumato.server.extras import model_upscale
 
 
 class Stop(Exception):  # noqa: N818 - a control-flow signal, not an error
@@ -62,23 +69,31 @@ class Control:
         """Called after every sampler step (``info`` a :class:`sfumato.sampling.StepInfo`)."""
 
 
-def execute(task: Task, pipe, refiner, control: Control, *, controls: list | None = None) -> Outcome:
+def execute(task: Task, pipe, refiner, control: Control, *, controls: list | None = None,
+            upscalers: dict[str, Any] | None = None) -> Outcome:
     """Run every iteration of ``task`` on ``pipe`` (and ``refiner``), reporting to ``control``; ``controls``:
-    the task's ControlNet units (:class:`sfumato.adapters.controlnet.ControlUnit`), in every pass."""
+    the task's ControlNet units (:class:`sfumato.adapters.controlnet.ControlUnit`), in every pass;
+    ``upscalers``: the upscaler models ``task.upscalers`` names, loaded."""
+    if task.kind == "extras":
+        return _extras(task, upscalers or {}, control)
     addons = {"controlnet": controls} if controls else {}
     p = task.params
-    per_iter = 2 if task.hires is not None else 1
+    per_iter = 1 if task.hires is None else 3 if task.upscalers else 2
     passes = task.n_iter * per_iter
     out = Outcome(images=[], infotexts=[], seeds=[], model_name=pipe.model_name, model_hash=pipe.model_hash(),
                   started=time.time(), inpainting_model=pipe.spec.concat == "inpaint")
     for it in range(task.n_iter):
         ip = p.replace(seed=p.seed + it * p.batch_size)
 
-        def callback(k: int) -> Callable:
+        def callback(k: int, *, stoppable: bool = True) -> Callable:
+            """Pass ``k``'s step callback; ``stoppable`` False: only cancel stops it (its x0 is not the
+            base model's to decode)."""
             def cb(s) -> None:
                 control.on_step(it * per_iter + k, passes, it, s, pipe.spec)
                 if control.cancelled:
                     raise Stop("cancel", None)
+                if not stoppable:
+                    return
                 if control.interrupted:
                     raise Stop("interrupt", s.denoised)
                 if control.skipped:
@@ -87,7 +102,7 @@ def execute(task: Task, pipe, refiner, control: Control, *, controls: list | Non
             return cb
 
         try:
-            images, texts, extra = _iteration(task, pipe, refiner, ip, callback, addons)
+            images, texts, extra = _iteration(task, pipe, refiner, ip, callback, addons, upscalers or {})
         except Stop as stop:
             if stop.reason == "cancel":
                 raise
@@ -110,12 +125,40 @@ def _kwargs(p: GenerationParams, *drop: str) -> dict[str, Any]:
     return {k: v for k, v in p.to_dict().items() if k not in skip}
 
 
+def _extras(task: Task, upscalers: dict[str, Any], control: Control) -> Outcome:
+    from sfumato.server.extras import run_extras
+
+    started = time.time()
+
+    def on_step(pass_no: int, passes: int, info: Any, spec: Any) -> None:
+        control.on_step(pass_no, passes, 0, info, spec)
+        if control.cancelled or control.interrupted:  # an upscale half done has nothing to show
+            raise Stop("cancel", None)
+
+    images, texts = run_extras(task, upscalers, on_step)
+    return Outcome(images=images, infotexts=texts, seeds=[task.params.seed] * len(images),
+                   model_name=task.extras.upscaler_1 or "None", model_hash=None, started=started)
+
+
 def _iteration(task: Task, pipe, refiner, p: GenerationParams, callback: Callable[[int], Callable],
-               addons: dict[str, Any]):
+               addons: dict[str, Any], upscalers: dict[str, Any]):
     experts = {"refiner": refiner, "refiner_switch_at": task.refiner_switch_at} if refiner is not None else {}
     experts.update(addons)
     size = {"width": p.width, "height": p.height}
-    if task.kind == "img2img" and task.mask is not None:
+    if task.kind == "edit":
+        res = pipe.edit(task.image, p.prompt, p.negative_prompt, image_cfg_scale=p.image_cfg_scale,
+                        cfg_scale=p.cfg_scale, callback=callback(0), **size,
+                        **_kwargs(p, "cfg_scale", "image_cfg_scale"))
+    elif task.kind == "depth2img":
+        res = pipe.depth2img(task.image, p.prompt, p.negative_prompt, strength=p.strength, callback=callback(0),
+                             **size, **task.method_kw, **_kwargs(p))
+    elif task.kind == "variations":
+        res = pipe.variations(task.image, p.prompt, p.negative_prompt, cfg_scale=p.cfg_scale, callback=callback(0),
+                              **size, **task.method_kw, **_kwargs(p, "cfg_scale"))
+    elif task.kind == "upscale":
+        res = pipe.upscale(task.image, p.prompt, p.negative_prompt, steps=p.steps, cfg_scale=p.cfg_scale,
+                           callback=callback(0), **task.method_kw, **_kwargs(p, "steps", "cfg_scale"))
+    elif task.kind == "img2img" and task.mask is not None:
         kw = _kwargs(p, "mask_blur", "inpaint_fill", "inpaint_full_res", "inpaint_padding")
         res = pipe.inpaint(task.image, task.mask, p.prompt, p.negative_prompt, strength=p.strength,
                            mask_blur=p.mask_blur, fill=p.inpaint_fill, inpaint_full_res=p.inpaint_full_res,
@@ -128,11 +171,12 @@ def _iteration(task: Task, pipe, refiner, p: GenerationParams, callback: Callabl
     else:
         if refiner is not None:
             raise InvalidParameterError("enable_hr with refiner_checkpoint is not supported; use one of them")
-        return _hires(task, pipe, p, callback, addons)
+        return _hires(task, pipe, p, callback, addons, upscalers)
     return res.images, res.infotexts, {}
 
 
-def _hires(task: Task, pipe, p: GenerationParams, callback: Callable[[int], Callable], addons: dict[str, Any]):
+def _hires(task: Task, pipe, p: GenerationParams, callback: Callable[..., Callable], addons: dict[str, Any],
+           upscalers: dict[str, Any]):
     from sfumato.pipeline import decode, run
 
     h = task.hires
@@ -145,6 +189,9 @@ def _hires(task: Task, pipe, p: GenerationParams, callback: Callable[[int], Call
     extra: dict[str, Any] = {"Denoising strength": h.strength, "Hires upscale": h.scale,
                              "Hires steps": h.steps or None, "Hires upscaler": h.upscaler,
                              **_control_fields(addons.get("controlnet"), False)}
+    if h.upscaler in upscalers:
+        o = task.upscaler_options
+        extra.update({"Hires upscaler steps": o.steps, "Hires upscaler noise level": o.noise_level})
     if h.prompt != p.prompt:
         extra["Hires prompt"] = h.prompt
     if h.negative_prompt != p.negative_prompt:
@@ -171,12 +218,17 @@ def _hires(task: Task, pipe, p: GenerationParams, callback: Callable[[int], Call
     else:
         first = pipe.generate(p.prompt, p.negative_prompt, width=p.width, height=p.height, callback=callback(0),
                               **_kwargs(p), **addons)
-        resample = IMAGE_UPSCALERS[h.upscaler] or Image.LANCZOS
+        model = upscalers.get(h.upscaler) if h.upscaler not in IMAGE_UPSCALERS else None
         images = []
         for im in first.images:
-            big = im.resize((h.width, h.height), resample)
+            if model is None:
+                big = im.resize((h.width, h.height), IMAGE_UPSCALERS[h.upscaler] or Image.LANCZOS)
+            else:  # the x4 upscaler conditioned on the generation's prompt, as diffusers' upscaler is
+                big, _ = model_upscale(model, im, h.width, h.height, task.upscaler_options, prompt=p.prompt,
+                                       negative_prompt=p.negative_prompt, seed=p.seed,
+                                       callback=callback(1, stoppable=False))
             res = pipe.img2img(big, second.prompt, second.negative_prompt, strength=h.strength,
-                               width=h.width, height=h.height, callback=callback(1),
+                               width=h.width, height=h.height, callback=callback(2 if model is not None else 1),
                                **_kwargs(second.replace(batch_size=1, img2img_mode="a1111")), **addons)
             images += res.images
     return images, _infotexts(pipe, p, len(images), extra), extra

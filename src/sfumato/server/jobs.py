@@ -270,12 +270,20 @@ class Scheduler:
             job.version += 1
             self.store.update(job)
             try:
-                base = self.registry.find(job.task.model)
-                pipe = cache.get(base)
-                refiner = None
-                if job.task.refiner is not None:
-                    refiner = cache.get(self.registry.find(job.task.refiner), share_with=base)
-                job.outcome = execute(job.task, pipe, refiner, job, controls=_control_units(job.task, pipe, cache))
+                task = job.task
+                pipe = refiner = None
+                held = []
+                if task.kind != "extras":  # extras runs upscalers only
+                    held.append(self.registry.find(task.model, upscaler=task.kind == "upscale"))
+                    pipe = cache.get(held[0])
+                if task.refiner is not None:
+                    refiner = cache.get(self.registry.find(task.refiner), share_with=held[0])
+                upscalers = {}
+                for name in task.upscalers:
+                    held.append(self.registry.find(name, upscaler=True))
+                    upscalers[name] = cache.get(held[-1], in_use=tuple(held[:-1]))
+                controls = _control_units(task, pipe, cache) if pipe is not None else []
+                job.outcome = execute(task, pipe, refiner, job, controls=controls, upscalers=upscalers)
                 job.files = self._save(job)
                 self._finish(job, job.outcome.state)
             except Stop:

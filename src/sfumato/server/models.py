@@ -56,6 +56,7 @@ class Registry:
         self.refresh()
 
     def refresh(self) -> None:
+        """Read ``models_dir`` again (what each file is, is detected when it is first listed)."""
         items: list[Checkpoint] = []
         if self.default_path is not None:
             items.append(_checkpoint(self.default_path, self.default_path.name))
@@ -68,29 +69,56 @@ class Registry:
         with self._lock:
             self._items = items
 
-    def list(self) -> list[Checkpoint]:
+    def all(self) -> list[Checkpoint]:
+        """Every checkpoint, models and upscalers."""
         with self._lock:
             return list(self._items)
+
+    def list(self) -> list[Checkpoint]:
+        """The models to generate with (every checkpoint but the upscalers)."""
+        return [c for c in self.all() if not is_upscaler(self.spec(c))]
+
+    def upscalers(self) -> list[Checkpoint]:
+        """The SD x4 upscaler checkpoints, offered by their ``model_name`` (stem) as upscalers."""
+        return [c for c in self.all() if is_upscaler(self.spec(c))]
 
     @property
     def default(self) -> Checkpoint | None:
         items = self.list()
         return items[0] if items else None
 
-    def find(self, name: str | None) -> Checkpoint:
-        """The checkpoint ``name`` names (None: the default). Raises UnknownNameError listing the titles."""
-        items = self.list()
+    def find(self, name: str | None, *, upscaler: bool = False) -> Checkpoint:
+        """The model ``name`` names (None: the default), or with ``upscaler`` the upscaler (None: the
+        first). Raises UnknownNameError listing the valid names."""
+        items = self.upscalers() if upscaler else self.list()
+        what = "upscaler model" if upscaler else "model"
         if name is None or name == "":
             if not items:
-                raise UnknownNameError("no model is available: start the server with --model PATH "
-                                       "(the built-in model is not installed)")
+                raise UnknownNameError(f"no {what} is available: " + (
+                    "put an SD x4 upscaler checkpoint in --models-dir" if upscaler else
+                    "start the server with --model PATH (the built-in model is not installed)"))
             return items[0]
         key = _HASH_SUFFIX.sub("", str(name)).strip()
         for c in items:
             if key in (c.title, c.model_name, str(c.path)):
                 return c
-        valid = ", ".join(c.title for c in items) or "(none)"
-        raise UnknownNameError(f"unknown model {name!r}; valid: {valid}")
+        valid = ", ".join(c.model_name if upscaler else c.title for c in items) or "(none)"
+        others = self.list() if upscaler else self.upscalers()
+        if any(key in (c.title, c.model_name, str(c.path)) for c in others):
+            if upscaler:
+                raise UnknownNameError(f"{name!r} is a model to generate with, not an upscaler; valid upscalers: "
+                                       f"{valid}")
+            raise UnknownNameError(f"{name!r} is an upscaler: use it as upscaler_1 / hr_upscaler or in an "
+                                   f"\"upscale\" job; valid models: {valid}")
+        raise UnknownNameError(f"unknown {what} {name!r}; valid: {valid}")
+
+    def upscaler_names(self) -> dict[str, str]:
+        """Every spelling an upscaler model answers to (its name, title or path) -> its name."""
+        out: dict[str, str] = {}
+        for c in self.upscalers():
+            for key in (str(c.path), c.title, c.model_name):
+                out[key] = c.model_name
+        return out
 
     def spec(self, ckpt: Checkpoint):  # noqa: ANN201 - ModelSpec | None
         """``ckpt``'s :class:`~sfumato.config.ModelSpec` from its key names and shapes
@@ -118,6 +146,11 @@ class Registry:
         """``ckpt``'s native width and height (``ModelSpec.default_size``), or None (see :meth:`spec`)."""
         spec = self.spec(ckpt)
         return None if spec is None else spec.default_size
+
+
+def is_upscaler(spec) -> bool:  # noqa: ANN001 - a ModelSpec or None
+    """Whether a checkpoint of ``spec`` is an SD x4 upscaler (the low-res image concatenated to the latent)."""
+    return spec is not None and spec.concat == "low_res"
 
 
 @dataclass(frozen=True)
@@ -194,15 +227,17 @@ class ModelCache:
         self._embeddings: dict[int, tuple] = {}  # id(pipe) -> the embeddings folder's signature loaded
         self._controlnets: dict[tuple[int, str, int], object] = {}  # (id(pipe), path, mtime) -> ControlNet
 
-    def get(self, ckpt: Checkpoint, *, share_with: Checkpoint | None = None):
+    def get(self, ckpt: Checkpoint, *, share_with: Checkpoint | None = None, in_use: tuple = ()):
         """The pipeline of ``ckpt`` (loaded if needed). ``share_with``: load it as a refiner sharing the
-        autoencoder and text encoders of that (already loaded) base model."""
+        autoencoder and text encoders of that (already loaded) base model. ``in_use``: checkpoints the job
+        also holds (never evicted for this one)."""
         import sfumato
 
         key = (str(ckpt.path),) if share_with is None else (str(ckpt.path), "refiner-of", str(share_with.path))
+        held = {(str(c.path),) for c in in_use}
         if key in self._models:
             self._models.move_to_end(key)
-            self._evict(keep={key})
+            self._evict(keep={key, *held})
             pipe = self._models[key][0]
             self._sync_embeddings(pipe)
             return pipe
@@ -212,7 +247,7 @@ class ModelCache:
         pipe.lora_dir = self.addons.lora  # <lora:name:w> prompt tags
         self._sync_embeddings(pipe)
         self._models[key] = (pipe, pipeline_bytes(pipe))
-        self._evict(keep={key, (str(share_with.path),) if share_with is not None else key})
+        self._evict(keep={key, *held, (str(share_with.path),) if share_with is not None else key})
         return pipe
 
     def _sync_embeddings(self, pipe) -> None:
