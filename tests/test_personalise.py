@@ -141,3 +141,17 @@ def test_bad_data_and_settings_fail_before_training(data, tmp_path):
     with pytest.raises(InvalidParameterError, match="resolution 70 must be a multiple of 16"):
         finetune(sfumato.load(), data, _cfg("lora", resolution=70), out_dir=tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists(), "nothing may be written before the data and settings are checked"
+
+
+def test_cli_trains_and_refuses_bad_data(data, tmp_path, capsys):
+    from sfumato.cli import main
+
+    assert main(["train", "textual-inversion", "--data", str(data), "--caption", TEMPLATE, "--token", "qzshape",
+                 "--init-word", "square", "--out", str(tmp_path / "ti"), "--steps", "2", "--batch", "2", "-q"]) == 0
+    assert (tmp_path / "ti" / "qzshape.safetensors").is_file()
+    assert str(tmp_path / "ti" / "qzshape.safetensors") in capsys.readouterr().out
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_text("not an image")
+    assert main(["train", "lora", "--data", str(tmp_path / "bad"), "--caption", TEMPLATE, "--token", "sks",
+                 "--out", str(tmp_path / "lora"), "--steps", "2", "-q"]) == 2
+    assert "x.png" in capsys.readouterr().err and not (tmp_path / "lora").exists()

@@ -5,6 +5,8 @@
     sfumato train diffusion --vae run/vae.safetensors --out run --steps 1500 [--resume]
     sfumato train diffusion --init builtin --out run2 --steps 1000   # continue training a model
     sfumato train vae --init builtin --decoder-only --out run3 --steps 600  # a sharper decoder, same latents
+    sfumato train lora --data pics --caption "a photo of {}" --token sks --out run4   # also textual-inversion,
+                                                                                     # dreambooth, finetune
 
 Argument parsing only imports the standard library; torch and the trainer load when a command runs.
 """
@@ -84,6 +86,91 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--caption-dropout", type=float, default=0.1, help="empty-prompt fraction, for CFG (default: 0.1)")
     d.add_argument("--freeze-text-encoder", action="store_true", help="keep the text encoder fixed")
 
+    for method, what in (("textual-inversion", "learn a new token's embedding; writes <token>.safetensors"),
+                         ("dreambooth", "fine-tune the UNet on a subject, with prior preservation; writes "
+                          "model.safetensors"),
+                         ("lora", "train a LoRA; writes lora.safetensors (kohya / AUTOMATIC1111 layout)"),
+                         ("finetune", "fine-tune the whole UNet with EMA; writes model.safetensors")):
+        _personalise(sub.add_parser(method, help=what), method)
+
+
+def _personalise(p: argparse.ArgumentParser, method: str) -> None:
+    p.add_argument("--model", metavar="PATH", help="the model to train (file or diffusers folder; default: the "
+                   "built-in model)")
+    p.add_argument("--data", required=True, metavar="DIR", help="images with .txt captions beside them (kohya's "
+                   "N_name folders repeat N times), or any images with --caption")
+    p.add_argument("--caption", metavar="TEMPLATE", help="one caption for every image, '{}' standing for --token "
+                   "(e.g. 'a photo of {}')")
+    p.add_argument("--token", required=method == "textual-inversion", help="the new word (textual inversion) / "
+                   "the rare token filling --caption")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
+    p.add_argument("--name", help="output file stem (default: the token, 'lora' or 'model')")
+    p.add_argument("--steps", type=int, default=500, help="optimiser steps (default: 500)")
+    p.add_argument("--batch", type=int, default=1, help="batch size (default: 1)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default: 1)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the method's, "
+                   "sfumato.train.personalise.DEFAULT_LR)")
+    p.add_argument("--resolution", type=int, help="training size (default: the model's)")
+    p.add_argument("--no-buckets", action="store_true", help="square crops only, no aspect-ratio buckets")
+    p.add_argument("--random-crop", action="store_true", help="random instead of centred crops")
+    p.add_argument("--flip", action="store_true", help="random horizontal flips")
+    p.add_argument("--snr-gamma", type=float, help="Min-SNR-gamma weighting, e.g. 5")
+    p.add_argument("--offset-noise", type=float, default=0.0, help="offset-noise std (default: 0)")
+    p.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default: 100)")
+    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    p.add_argument("--validate-every", type=int, default=0, help="render --validation-prompt every N steps")
+    p.add_argument("--validation-prompt", action="append", default=[], metavar="PROMPT", help="repeatable")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
+    p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no", help="autocast on CUDA")
+    p.add_argument("--threads", type=int, help="torch threads (default: the CPUs available)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
+    if method == "textual-inversion":
+        p.add_argument("--init-word", default="*", help="the word the new vectors start from (default: '*')")
+        p.add_argument("--vectors", type=int, default=1, help="vectors per token (default: 1)")
+    if method in ("lora", "dreambooth"):
+        p.add_argument("--train-text-encoder", action="store_true", help="train the text encoder too")
+    if method == "lora":
+        p.add_argument("--rank", type=int, default=4, help="LoRA rank (default: 4)")
+        p.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank)")
+        p.add_argument("--conv", action="store_true", help="also the res-block convs (LoCon)")
+        p.add_argument("--peft", action="store_true", help="write diffusers' PEFT layout instead of kohya's")
+    if method == "dreambooth":
+        p.add_argument("--class-prompt", help="prior preservation: the subject's class, e.g. 'a photo of a dog'")
+        p.add_argument("--class-images", type=int, default=0, help="class images to generate (default: 0)")
+        p.add_argument("--prior-weight", type=float, default=1.0, help="prior loss weight (default: 1)")
+    if method == "finetune":
+        p.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay (default: 0.999)")
+
+
+def _run_personalise(args: argparse.Namespace, log) -> int:  # noqa: ANN001
+    import sfumato
+    from sfumato.train.common import set_threads
+    from sfumato.train.personalise import FinetuneConfig, finetune
+
+    cfg = FinetuneConfig(
+        method=args.stage, steps=args.steps, batch_size=args.batch, grad_accum=args.grad_accum, lr=args.lr,
+        resolution=args.resolution, buckets=not args.no_buckets, random_crop=args.random_crop, flip=args.flip,
+        snr_gamma=args.snr_gamma, offset_noise=args.offset_noise, seed=args.seed, caption_template=args.caption,
+        token=args.token, init_word=getattr(args, "init_word", "*"), vectors=getattr(args, "vectors", 1),
+        rank=getattr(args, "rank", 4), alpha=getattr(args, "alpha", None), lora_conv=getattr(args, "conv", False),
+        train_text_encoder=getattr(args, "train_text_encoder", False), peft_format=getattr(args, "peft", False),
+        class_prompt=getattr(args, "class_prompt", None), class_images=getattr(args, "class_images", 0),
+        prior_weight=getattr(args, "prior_weight", 1.0), ema_decay=getattr(args, "ema_decay", 0.999),
+        checkpoint_every=args.checkpoint_every, validate_every=args.validate_every,
+        validation_prompts=tuple(args.validation_prompt), mixed_precision=args.mixed_precision)
+    cfg.check()  # before the model loads
+    from sfumato.train.data import scan_dataset
+
+    data = scan_dataset(args.data, template=cfg.caption_template, placeholder=cfg.token if cfg.caption_template
+                        else None)
+    log(f"{len(data.items)} images, {data.samples_per_epoch} samples per epoch; {set_threads(args.threads)} threads")
+    pipe = sfumato.load(args.model, device=args.device, dtype="fp32")
+    res = finetune(pipe, data, cfg, out_dir=args.out, resume=args.resume, name=args.name, progress=not args.quiet)
+    log(f"{res.step} steps, final loss {res.losses[-1]:.4f}, {res.seconds:.1f}s")
+    print(res.output)
+    return 0
+
 
 def _resume(args: argparse.Namespace, name: str) -> Path | None:
     if args.resume is None:
@@ -121,6 +208,8 @@ def run(args: argparse.Namespace) -> int:
     def log(message: str) -> None:
         print(f"sfumato: {message}", file=sys.stderr, flush=True)
 
+    if args.stage in ("textual-inversion", "dreambooth", "lora", "finetune"):
+        return _run_personalise(args, log)
     if args.stage == "builtin":
         result = train_builtin(out, minutes=args.minutes, seed=args.seed, n_images=args.n_images,
                                vae_steps=args.vae_steps, diffusion_steps=args.steps, prediction=args.prediction,
