@@ -155,3 +155,24 @@ def test_cli_trains_and_refuses_bad_data(data, tmp_path, capsys):
     assert main(["train", "lora", "--data", str(tmp_path / "bad"), "--caption", TEMPLATE, "--token", "sks",
                  "--out", str(tmp_path / "lora"), "--steps", "2", "-q"]) == 2
     assert "x.png" in capsys.readouterr().err and not (tmp_path / "lora").exists()
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sdxl-refiner"])
+def test_sdxl_lora_and_two_encoder_embedding(family, data, tmp_path):
+    """SDXL trains with its micro-conditioning; its embedding is the clip_l / clip_g pair (the refiner's one
+    encoder: emb_params), read back by the embedding loader."""
+    from tests import tiny
+
+    folder = tiny.build(family, tmp_path / family)
+    lora = finetune(sfumato.load(folder), data, _cfg("lora", resolution=32, lr=5e-3), out_dir=tmp_path / "lora",
+                    progress=False)
+    keys = _weights(lora.output).keys()
+    assert any(k.startswith("lora_unet_input_blocks_") for k in keys), "SDXL LoRAs name UNet modules as LDM does"
+    pipe = sfumato.load(folder)
+    pipe.load_lora(lora.output, 1.0)
+    ti = finetune(sfumato.load(folder), data, _cfg("textual-inversion", resolution=32), out_dir=tmp_path / "ti",
+                  progress=False)
+    want = {"clip_l", "clip_g"} if family == "sdxl" else {"emb_params"}
+    assert set(_weights(ti.output)) == want
+    pipe.load_embedding(ti.output)
+    assert pipe.generate("a zwxshape", width=32, height=32, steps=2).images[0].size == (32, 32)

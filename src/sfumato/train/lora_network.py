@@ -9,7 +9,7 @@ convs of the res blocks and up/downsamplers; with ``text_encoder`` the Linear la
 encoder layer (attention and MLP).
 
 ``kohya_state_dict`` writes AUTOMATIC1111/kohya names (``lora_unet_<module>`` with the UNet module named as
-diffusers names it for SD 1.x/2.x, as the LDM checkpoint names it for two-encoder families, as kohya does;
+diffusers names it for SD 1.x/2.x, as the LDM checkpoint names it for SDXL base and refiner, as kohya does;
 ``lora_te_`` / ``lora_te1_``/``lora_te2_``), each with ``.lora_down.weight``, ``.lora_up.weight`` and
 ``.alpha``; ``peft_state_dict`` writes diffusers' ``unet.<module>.lora_A.weight`` / ``lora_B.weight``
 (+ ``.alpha``). Both load back through :mod:`sfumato.adapters.lora`, which is how the trainer checks them.
@@ -134,7 +134,7 @@ def _file_names(pipe) -> tuple[dict[str, str], dict[str, str]]:
     table (so every name written is one it reads back). Called before injection."""
     from sfumato.adapters.lora import _module_names
 
-    ldm_unet_names = len(pipe.text_encoders) > 1  # kohya's SDXL files name UNet modules as the checkpoint does
+    ldm_unet_names = pipe.spec.size_conditioning is not None  # kohya's SDXL files use the checkpoint's names
     kohya: dict[str, list[str]] = {}
     peft: dict[str, list[str]] = {}
     for name, path in _module_names(pipe).items():

@@ -25,14 +25,17 @@ from generators seeded by (``seed``, ``s``), so a resumed run (``resume=True``: 
 continues bit for bit as the uninterrupted one. Validation prompts are rendered every ``validate_every``
 steps into ``<out>/validation-<step>.png``; ``<out>/loss.png`` is the loss curve.
 
-Not yet: SDXL and other families with an ADM vector or extra UNet inputs (refused with a message), and
-gradient checkpointing.
+SDXL base and refiner train with their micro-conditioning (original size and crop of each example, the
+bucket as target size; the refiner's aesthetic score 6), and textual inversion writes their ``clip_l`` /
+``clip_g`` pair. Not yet: models with class labels, image embeddings or concatenated inputs (refused with a
+message), and gradient checkpointing.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -58,7 +61,7 @@ from sfumato.train.common import (
     save_checkpoint,
 )
 from sfumato.train.data import Dataset, Item, assign_bucket, bucket_batches, load_example, make_buckets, scan_dataset
-from sfumato.train.diffusion_stage import add_noise, diffusion_target, encode_text, min_snr_weight, tokenize_captions
+from sfumato.train.diffusion_stage import add_noise, diffusion_target, min_snr_weight, tokenize_captions
 
 __all__ = ["METHODS", "FinetuneConfig", "FinetuneResult", "finetune"]
 
@@ -153,10 +156,34 @@ def _seeded(*parts: Any) -> int:
 
 def _check_model(pipe) -> None:
     spec = pipe.spec
-    if spec.unet.adm_in_channels is not None or spec.unet.num_classes is not None or spec.concat is not None:
-        raise InvalidParameterError(f"fine-tuning {spec.family} is not supported yet: only text-conditioned "
-                                    "UNets without a y vector, class labels or concatenated inputs (SD 1.x, SD 2.x, "
-                                    "the built-in model)")
+    image_adm = spec.unet.adm_in_channels is not None and spec.unet.adm_kind != "text_time"
+    if image_adm or spec.unet.num_classes is not None or spec.concat is not None:
+        raise InvalidParameterError(f"fine-tuning {spec.family} is not supported: only text-to-image models "
+                                    "(SD 1.x, SD 2.x, SDXL base and refiner, the built-in model), not ones with "
+                                    "class labels, image embeddings or concatenated inputs")
+
+
+def _text(pipe, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(context (B, 77, D), pooled (B, P) or None) as inference reads them for one 77-token chunk."""
+    spec = pipe.spec
+    ids = [tokenize_captions(pipe.tokenizer, captions, te.pad_id).to(device) for te in spec.text_encoders]
+    outs = [enc(i, layer=te.layer, final_norm=te.final_norm)
+            for enc, te, i in zip(pipe.text_encoders, spec.text_encoders, ids)]
+    pooled = next((o.pooled for o, te in zip(outs, spec.text_encoders) if te.pooled), None)
+    return torch.cat([o.hidden for o in outs], dim=-1), pooled
+
+
+def _micro_conditioning(pipe, pooled: torch.Tensor, sizes: list[tuple[tuple[int, int], tuple[int, int],
+                                                                       tuple[int, int]]]) -> torch.Tensor:
+    """SDXL's ADM vector per example: pooled text + Fourier-embedded (original size, crop top-left, target
+    size), or (original size, crop, aesthetic score 6) for the refiner, as the pipeline builds it."""
+    from sfumato.models.unet import timestep_embedding
+
+    rows = []
+    for original, crop, target in sizes:
+        ids = [*original, *crop, 6.0] if pipe.spec.size_conditioning == "refiner" else [*original, *crop, *target]
+        rows.append(timestep_embedding(torch.tensor(ids, dtype=torch.float32), 256).reshape(-1))
+    return torch.cat([pooled, torch.stack(rows).to(pooled)], dim=1)
 
 
 def _token_table(encoder: nn.Module) -> nn.Embedding:
@@ -239,7 +266,7 @@ def finetune(pipe, data: str | Path | Dataset, cfg: FinetuneConfig, *, out_dir: 
     dataset = data if isinstance(data, Dataset) else scan_dataset(
         data, template=cfg.caption_template, placeholder=cfg.token if cfg.caption_template else None)
     f = spec.vae.downscale
-    grid = f * 2 ** (len(spec.unet.channel_mult) - 1)  # the UNet's coarsest level must stay whole
+    grid = math.lcm(8, f * 2 ** (len(spec.unet.channel_mult) - 1))  # the UNet's coarsest level must stay whole
     size = cfg.resolution or spec.default_size
     if size % grid:
         raise InvalidParameterError(f"resolution {size} must be a multiple of {grid} for this model")
@@ -330,10 +357,11 @@ def finetune(pipe, data: str | Path | Dataset, cfg: FinetuneConfig, *, out_dir: 
                            buckets=[assign_bucket(it.width, it.height, buckets) for it in items])[k]
         return b.bucket, [items[j] for j in b.indices]
 
-    def encode(batch: list[Item], bucket: tuple[int, int], rng: random.Random, g: torch.Generator) -> torch.Tensor:
-        xs = []
+    def encode(batch: list[Item], bucket: tuple[int, int], rng: random.Random, g: torch.Generator) -> tuple:
+        xs, sizes = [], []
         for it in batch:
             ex = load_example(it, bucket, random_crop=cfg.random_crop, flip=cfg.flip, rng=rng)
+            sizes.append((ex.original_size, ex.crops_coords_top_left, ex.target_size))
             key = (str(it.path), bucket, ex.flipped)
             if cfg.random_crop or key not in latents:  # a random crop is new every time: nothing to cache
                 with torch.no_grad():
@@ -345,29 +373,32 @@ def finetune(pipe, data: str | Path | Dataset, cfg: FinetuneConfig, *, out_dir: 
                 value = latents[key]
             mean, std = value
             xs.append(mean + std * torch.randn(mean.shape, generator=g))
-        return (torch.cat(xs) - spec.latent_shift) * spec.latent_scale
+        return (torch.cat(xs) - spec.latent_shift) * spec.latent_scale, sizes
 
-    def context_of(captions: list[str]) -> torch.Tensor:
+    def text_of(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         if text_learns:
-            ids = [tokenize_captions(pipe.tokenizer, captions, te.pad_id).to(device) for te in spec.text_encoders]
-            return encode_text(pipe.text_encoders, spec.text_encoders, ids)
+            return _text(pipe, captions, device)
         missing = [c for c in dict.fromkeys(captions) if c not in contexts]
         if missing:
-            ids = [tokenize_captions(pipe.tokenizer, missing, te.pad_id).to(device) for te in spec.text_encoders]
             with torch.no_grad():
-                for c, ctx in zip(missing, encode_text(pipe.text_encoders, spec.text_encoders, ids)):
-                    contexts[c] = ctx
-        return torch.stack([contexts[c] for c in captions])
+                ctx, pooled = _text(pipe, missing, device)
+            for i, c in enumerate(missing):
+                contexts[c] = (ctx[i], None if pooled is None else pooled[i])
+        got = [contexts[c] for c in captions]
+        return torch.stack([c for c, _ in got]), None if got[0][1] is None else torch.stack([p for _, p in got])
 
-    def loss_of(x0: torch.Tensor, captions: list[str], g: torch.Generator) -> torch.Tensor:
+    def loss_of(encoded: tuple, captions: list[str], g: torch.Generator) -> torch.Tensor:
+        x0, sizes = encoded
         t = torch.randint(0, len(alphas_cumprod), (x0.shape[0],), generator=g)
         eps = torch.randn(x0.shape, generator=g)
         if cfg.offset_noise:
             eps = eps + cfg.offset_noise * torch.randn((*x0.shape[:2], 1, 1), generator=g)
         x_t, alpha, sigma = add_noise(x0, eps, alphas_cumprod, t)
         target = diffusion_target(x0, eps, alpha, sigma, spec.prediction).to(device)
+        context, pooled = text_of(captions)
+        y = _micro_conditioning(pipe, pooled, sizes) if spec.unet.adm_kind == "text_time" else None
         with autocast(device, cfg.mixed_precision):
-            out_ = pipe.unet(x_t.to(device), t.to(device), context=context_of(captions))
+            out_ = pipe.unet(x_t.to(device), t.to(device), context=context, y=y)
         err = (out_.float() - target) ** 2
         if cfg.snr_gamma is not None:
             err = min_snr_weight(alpha, sigma, cfg.snr_gamma, spec.prediction).to(device) * err
