@@ -176,3 +176,20 @@ def test_sdxl_lora_and_two_encoder_embedding(family, data, tmp_path):
     assert set(_weights(ti.output)) == want
     pipe.load_embedding(ti.output)
     assert pipe.generate("a zwxshape", width=32, height=32, steps=2).images[0].size == (32, 32)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    pipe = sfumato.load()
+    unet = pipe.unet.train().requires_grad_(True)
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([10, 700])
+    ctx = torch.randn(2, 77, pipe.spec.context_dim, generator=g)
+    grads = []
+    for on in (False, True):
+        unet.zero_grad()
+        unet.gradient_checkpointing = on
+        unet(x, t, context=ctx).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in unet.named_parameters()})
+    unet.gradient_checkpointing = False
+    worst = max((grads[0][n] - grads[1][n]).abs().max().item() for n in grads[0])
+    assert worst <= 1e-6, f"checkpointed gradients differ by {worst:.2e}"

@@ -295,6 +295,9 @@ class UNetModel(nn.Module):
     def __init__(self, cfg: UNetConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        # training only: recompute each block's activations in the backward pass instead of keeping them
+        # (torch.utils.checkpoint), trading about a third more compute for most of the activation memory
+        self.gradient_checkpointing = False
         mc, ted = cfg.model_channels, cfg.time_embed_dim
         no_self = cfg.disable_self_attn or (False,) * len(cfg.channel_mult)
         self.time_embed, self.label_emb = build_embeddings(cfg)
@@ -367,20 +370,29 @@ class UNetModel(nn.Module):
         reuse = cache is not None and cache._reuse(x)
         h = x
         hs = []
+        run = self._checkpointed if self.gradient_checkpointing and self.training and torch.is_grad_enabled() \
+            else _run_block
         for block in self.input_blocks[:shallow] if reuse else self.input_blocks:
-            h = _run_block(block, h, emb, context)
+            h = run(block, h, emb, context)
             hs.append(h)
         if control is not None:
             hs = [a + b for a, b in zip(hs, control)]
         if reuse:
             h = cache.feature
         elif self.middle_block is not None:
-            h = _run_block(self.middle_block, h, emb, context)
+            h = run(self.middle_block, h, emb, context)
             if control is not None:
                 h = h + control[-1]
         for i in range(first_kept if reuse else 0, len(self.output_blocks)):
             if cache is not None and not reuse and i == first_kept:
                 cache.feature = h
             h = torch.cat([h, hs.pop()], dim=1)
-            h = _run_block(self.output_blocks[i], h, emb, context, tuple(hs[-1].shape[-2:]) if hs else None)
+            h = run(self.output_blocks[i], h, emb, context, tuple(hs[-1].shape[-2:]) if hs else None)
         return self.out(h)
+
+    @staticmethod
+    def _checkpointed(block: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None,
+                      size: tuple[int, int] | None = None) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(_run_block, block, h, emb, context, size, use_reentrant=False)

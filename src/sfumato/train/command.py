@@ -123,6 +123,7 @@ def _personalise(p: argparse.ArgumentParser, method: str) -> None:
     p.add_argument("--validation-prompt", action="append", default=[], metavar="PROMPT", help="repeatable")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
     p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no", help="autocast on CUDA")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="less memory, about a third more time")
     p.add_argument("--threads", type=int, help="torch threads (default: the CPUs available)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
     if method == "textual-inversion":
@@ -158,7 +159,8 @@ def _run_personalise(args: argparse.Namespace, log) -> int:  # noqa: ANN001
         class_prompt=getattr(args, "class_prompt", None), class_images=getattr(args, "class_images", 0),
         prior_weight=getattr(args, "prior_weight", 1.0), ema_decay=getattr(args, "ema_decay", 0.999),
         checkpoint_every=args.checkpoint_every, validate_every=args.validate_every,
-        validation_prompts=tuple(args.validation_prompt), mixed_precision=args.mixed_precision)
+        validation_prompts=tuple(args.validation_prompt), mixed_precision=args.mixed_precision,
+        gradient_checkpointing=args.gradient_checkpointing)
     cfg.check()  # before the model loads
     from sfumato.train.data import scan_dataset
 

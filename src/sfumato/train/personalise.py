@@ -28,7 +28,7 @@ steps into ``<out>/validation-<step>.png``; ``<out>/loss.png`` is the loss curve
 SDXL base and refiner train with their micro-conditioning (original size and crop of each example, the
 bucket as target size; the refiner's aesthetic score 6), and textual inversion writes their ``clip_l`` /
 ``clip_g`` pair. Not yet: models with class labels, image embeddings or concatenated inputs (refused with a
-message), and gradient checkpointing.
+message). ``gradient_checkpointing`` recomputes the UNet blocks' activations in the backward pass.
 """
 
 from __future__ import annotations
@@ -105,6 +105,7 @@ class FinetuneConfig:
     validation_prompts: tuple[str, ...] = ()
     validation_steps: int = 20
     mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
 
     def check(self) -> None:
         def bad(msg: str) -> None:
@@ -442,6 +443,7 @@ def finetune(pipe, data: str | Path | Dataset, cfg: FinetuneConfig, *, out_dir: 
     bar = TrainProgress(cfg.method, cfg.steps, enabled=progress)
     end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
     pipe.unet.train()
+    pipe.unet.gradient_checkpointing = cfg.gradient_checkpointing
     t0 = time.monotonic()
     try:
         while step < end:
@@ -471,6 +473,7 @@ def finetune(pipe, data: str | Path | Dataset, cfg: FinetuneConfig, *, out_dir: 
     finally:
         bar.close()
         pipe.unet.eval()
+        pipe.unet.gradient_checkpointing = False
     seconds = time.monotonic() - t0
     path = checkpoint()
     for p in params:

@@ -11,6 +11,12 @@ appears in training.
 
 The idea follows the synthetic compositional datasets CLEVR (Johnson et al. 2017) and dSprites
 (Matthey et al. 2017), at a size a CPU can train on. Colours are told apart in CIELAB (CIE 1976).
+
+``NOVEL_KINDS`` (hexagon, crescent) are drawn the same way (same supersampling, sizes, positions and
+jitter) but are not in ``KINDS``: the built-in model's training data never holds them, so teaching it one
+from a few examples under a rare word (``caption(..., names={"hexagon": "sks shape"})``) measures
+personalisation. Everything that makes training data (``sample_scene``, ``HELD_OUT``, ``dataset``) draws
+from ``KINDS`` only, unless a caller asks for other kinds.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import math
 import os
 import random
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
@@ -28,7 +34,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 __all__ = [
-    "IMAGE_SIZE", "PALETTE", "COLOURS", "BACKGROUNDS", "KINDS", "SIZES", "POSITIONS", "MIN_CONTRAST",
+    "IMAGE_SIZE", "PALETTE", "COLOURS", "BACKGROUNDS", "KINDS", "NOVEL_KINDS", "SIZES", "POSITIONS", "MIN_CONTRAST",
     "Shape", "Scene", "SceneData", "HELD_OUT", "allowed_combos", "contrasts", "to_lab", "render", "caption",
     "describe", "parse_caption", "sample_scene", "make_item", "iter_dataset", "dataset",
 ]
@@ -44,7 +50,8 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 }
 COLOURS = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink", "brown", "white", "black")
 BACKGROUNDS = ("white", "black", "grey", "blue", "yellow", "green")
-KINDS = ("circle", "square", "triangle", "star", "ring")
+KINDS = ("circle", "square", "triangle", "star", "ring")  # the built-in model's training shapes
+NOVEL_KINDS = ("hexagon", "crescent")  # drawable and recognisable, never in training data (personalisation)
 SIZES = ("small", "large")
 POSITIONS = ("top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom", "bottom right")
 MIN_CONTRAST = 45.0  # delta-E between a shape's colour and its background's; closer pairs are never drawn
@@ -56,6 +63,10 @@ _JITTER = {"small": 1.5, "large": 1.0}  # max offset from the cell centre, px
 _SCALE = (0.9, 1.1)
 _RING_HOLE = 0.55  # inner / outer radius
 _STAR_INNER = 0.45  # inner / outer radius (a pentagram's is 0.38: fatter arms survive 64 px)
+# crescent: a disc of radius r minus a disc of radius _BITE r whose centre is _BITE_OFFSET r to the right; its
+# back is (1 + _BITE_OFFSET - _BITE) r = 0.65 r thick (4.4 px at the smallest), the horns meet at x = 0.53 r
+_BITE, _BITE_OFFSET = 0.85, 0.5
+_ARC_POINTS = 48  # polygon vertices per arc of a crescent
 
 
 def to_lab(rgb: np.ndarray) -> np.ndarray:
@@ -76,8 +87,9 @@ def contrasts(colour: str, background: str) -> bool:
     return float(np.linalg.norm(_LAB[colour] - _LAB[background])) >= MIN_CONTRAST
 
 
-def _all_combos() -> list[tuple[str, str, str]]:
-    return [(c, k, b) for b in BACKGROUNDS for c in COLOURS if contrasts(c, b) for k in KINDS]
+def _all_combos(kinds: Iterable[str] = KINDS) -> list[tuple[str, str, str]]:
+    kinds = tuple(kinds)
+    return [(c, k, b) for b in BACKGROUNDS for c in COLOURS if contrasts(c, b) for k in kinds]
 
 
 def _held_out() -> frozenset[tuple[str, str, str]]:
@@ -88,10 +100,12 @@ def _held_out() -> frozenset[tuple[str, str, str]]:
 HELD_OUT: frozenset[tuple[str, str, str]] = _held_out()  # (colour, kind, background) never trained on
 
 
-def allowed_combos(exclude: Iterable[tuple[str, str, str]] = HELD_OUT) -> list[tuple[str, str, str]]:
-    """Every drawable (colour, kind, background) not in ``exclude``."""
+def allowed_combos(exclude: Iterable[tuple[str, str, str]] = HELD_OUT, *, kinds: Iterable[str] = KINDS
+                   ) -> list[tuple[str, str, str]]:
+    """Every drawable (colour, kind, background) of one of ``kinds`` (default: the training shapes) not in
+    ``exclude``."""
     skip = set(exclude)
-    return [t for t in _all_combos() if t not in skip]
+    return [t for t in _all_combos(kinds) if t not in skip]
 
 
 _TRAIN_COMBOS = allowed_combos(HELD_OUT)
@@ -101,7 +115,8 @@ _TRAIN_COMBOS = allowed_combos(HELD_OUT)
 
 @dataclass(frozen=True)
 class Shape:
-    """One shape. A parsed caption leaves unknown attributes ``None``; rendering needs them all."""
+    """One shape. A parsed caption leaves unknown attributes ``None``; rendering needs them all. ``kind`` is
+    one of ``KINDS`` or ``NOVEL_KINDS``."""
 
     kind: str | None
     colour: str | None
@@ -149,6 +164,21 @@ def _draw_shape(draw: ImageDraw.ImageDraw, s: Shape, background: tuple[int, int,
         h = 0.9 * r
         draw.polygon([(round(cx), round(cy - h)), (round(cx - r), round(cy + h)), (round(cx + r), round(cy + h))],
                      fill=fill)
+    elif s.kind == "hexagon":  # regular, a vertex left and right: 2r wide, sqrt(3) r high
+        draw.polygon([(round(cx + r * math.cos(k * math.pi / 3)), round(cy - r * math.sin(k * math.pi / 3)))
+                      for k in range(6)], fill=fill)
+    elif s.kind == "crescent":  # drawn as one polygon, so it paints no background over anything else
+        hx = (_BITE_OFFSET**2 + 1 - _BITE**2) / (2 * _BITE_OFFSET)  # the horns' x, over r, from the disc's centre
+        hy = math.sqrt(1 - hx * hx)
+        ox = cx + r * (1 - hx) / 2  # its bounding box (-r .. hx r across, 2r high) is centred on the cell
+        a = math.atan2(hy, hx)  # the outer arc runs from the top horn round the back to the bottom one
+        b = math.atan2(hy, hx - _BITE_OFFSET)  # the bite's arc, from the bottom horn back to the top one
+        n = _ARC_POINTS
+        outer = [a + (2 * math.pi - 2 * a) * i / n for i in range(n + 1)]
+        inner = [2 * math.pi - b - (2 * math.pi - 2 * b) * i / n for i in range(1, n)]
+        draw.polygon([(round(ox + r * math.cos(t)), round(cy - r * math.sin(t))) for t in outer]
+                     + [(round(ox + r * (_BITE_OFFSET + _BITE * math.cos(t))), round(cy - r * _BITE * math.sin(t)))
+                        for t in inner], fill=fill)
     elif s.kind == "star":
         ro = r / math.sin(math.radians(72))  # its width, 2 ro sin 72, is 2r
         cy0 = cy + ro * (1 - math.cos(math.radians(36))) / 2  # centres the bounding box, not the circumcircle
@@ -156,7 +186,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, s: Shape, background: tuple[int, int,
                 round(cy0 - (ro if k % 2 == 0 else ro * _STAR_INNER) * math.cos(k * math.pi / 5))) for k in range(10)]
         draw.polygon(pts, fill=fill)
     else:
-        raise ValueError(f"unknown shape kind {s.kind!r}; known: {', '.join(KINDS)}")
+        raise ValueError(f"unknown shape kind {s.kind!r}; known: {', '.join(KINDS + NOVEL_KINDS)}")
 
 
 def render(scene: Scene) -> Image.Image:
@@ -176,10 +206,18 @@ def _jitter(rng: random.Random, size: str) -> tuple[float, float, float]:
 
 
 def sample_scene(rng: random.Random, *, exclude: Iterable[tuple[str, str, str]] = HELD_OUT,
-                 two_shapes: float = 0.3) -> Scene:
-    """A random scene; no shape's (colour, kind, background) is in ``exclude``. With probability
+                 two_shapes: float = 0.3, kinds: Iterable[str] = KINDS) -> Scene:
+    """A random scene of shapes of ``kinds`` (default: the training shapes; e.g. ``NOVEL_KINDS[:1]`` for
+    personalisation examples); no shape's (colour, kind, background) is in ``exclude``. With probability
     ``two_shapes`` there are two small shapes of different colours, in cells that are not side by side."""
-    combos = allowed_combos(exclude) if exclude is not HELD_OUT else _TRAIN_COMBOS
+    kinds = tuple(kinds)
+    if kinds == KINDS:  # training data: exactly as before NOVEL_KINDS existed
+        combos = allowed_combos(exclude) if exclude is not HELD_OUT else _TRAIN_COMBOS
+    else:
+        unknown = set(kinds) - set(KINDS + NOVEL_KINDS)
+        if not kinds or unknown:
+            raise ValueError(f"kinds must be some of {', '.join(KINDS + NOVEL_KINDS)}, got {kinds!r}")
+        combos = allowed_combos(exclude, kinds=kinds)
     background = rng.choice(BACKGROUNDS)
     pairs = [(c, k) for c, k, b in combos if b == background]
     if rng.random() < two_shapes:
@@ -200,7 +238,8 @@ def sample_scene(rng: random.Random, *, exclude: Iterable[tuple[str, str, str]] 
 # --- captions -------------------------------------------------------------------------------------
 
 _KIND_WORDS = {"circle": ("circle", "circle", "disc", "dot"), "square": ("square", "square", "box"),
-               "triangle": ("triangle",), "star": ("star",), "ring": ("ring", "ring", "donut")}
+               "triangle": ("triangle",), "star": ("star",), "ring": ("ring", "ring", "donut"),
+               "hexagon": ("hexagon",), "crescent": ("crescent", "crescent", "moon")}  # the last two: NOVEL_KINDS
 _SIZE_WORDS = {"small": ("small", "small", "little", "tiny"), "large": ("large", "large", "big")}
 _COLOUR_WORDS = {**{c: (c,) for c in PALETTE}, "grey": ("grey", "gray"), "purple": ("purple", "purple", "violet")}
 _POSITION_WORDS = {
@@ -222,20 +261,31 @@ def _article(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
-def _shape_phrase(s: Shape, rng: random.Random, size: bool, position: bool) -> str:
+def _kind_word(kind: str, names: Mapping[str, str] | None, word: str | None = None) -> str:
+    """``names[kind]`` when the caller renames the kind (e.g. a rare token), else ``word`` or the kind."""
+    if names and kind in names:
+        return names[kind]
+    return word if word is not None else kind
+
+
+def _shape_phrase(s: Shape, rng: random.Random, size: bool, position: bool,
+                  names: Mapping[str, str] | None = None) -> str:
     words = [rng.choice(_SIZE_WORDS[s.size])] if size else []
-    words += [rng.choice(_COLOUR_WORDS[s.colour]), rng.choice(_KIND_WORDS[s.kind])]
+    colour = rng.choice(_COLOUR_WORDS[s.colour])
+    words += [colour, _kind_word(s.kind, names, rng.choice(_KIND_WORDS[s.kind]))]  # the same draws either way
     phrase = _article(" ".join(words))
     return f"{phrase} {rng.choice(_POSITION_WORDS[s.position])}" if position else phrase
 
 
-def caption(scene: Scene, rng: random.Random) -> str:
+def caption(scene: Scene, rng: random.Random, *, names: Mapping[str, str] | None = None) -> str:
     """A caption of ``scene`` from varied templates and synonyms; colour and kind are always named, size,
-    position and background are sometimes left out."""
+    position and background are sometimes left out. ``names`` maps a kind to the word or phrase to call it
+    instead of its own words (``{"hexagon": "sks shape"}``: a rare token for personalisation); it changes
+    only that word, not which template is drawn, so the same ``rng`` state gives the same caption otherwise."""
     size = rng.random() >= P_NO_SIZE
     position = rng.random() >= P_NO_POSITION
     bg = rng.choice(_COLOUR_WORDS[scene.background]) if rng.random() >= P_NO_BACKGROUND else None
-    body = " and ".join(_shape_phrase(s, rng, size, position) for s in scene.shapes)
+    body = " and ".join(_shape_phrase(s, rng, size, position, names) for s in scene.shapes)
     form = rng.randrange(4)
     if form == 2:
         body = ("two shapes: " if len(scene.shapes) > 1 else rng.choice(_PREFIXES) + " ") + body
@@ -249,11 +299,13 @@ def caption(scene: Scene, rng: random.Random) -> str:
     return body + ("" if after.startswith(",") else " ") + after.format(bg)
 
 
-def describe(scene: Scene) -> str:
+def describe(scene: Scene, *, names: Mapping[str, str] | None = None) -> str:
     """The canonical caption of a one-shape scene (the benchmark's prompt), e.g.
-    "a large purple triangle at the bottom, grey background"."""
+    "a large purple triangle at the bottom, grey background"; ``names`` renames kinds as in :func:`caption`
+    (``describe(scene, names={"hexagon": "sks shape"})`` -> "a large purple sks shape at the bottom, ...")."""
     (s,) = scene.shapes
-    return f"{_article(f'{s.size} {s.colour} {s.kind}')} {_POSITION_WORDS[s.position][0]}, {scene.background} background"
+    kind = _kind_word(s.kind, names)
+    return f"{_article(f'{s.size} {s.colour} {kind}')} {_POSITION_WORDS[s.position][0]}, {scene.background} background"
 
 
 def _lookup(table: dict[str, tuple[str, ...]]) -> dict[str, str]:
@@ -275,9 +327,12 @@ def _position(words: list[str]) -> str | None:
     return "centre" if {"centre", "center", "middle"} & set(words) else None
 
 
-def parse_caption(text: str) -> Scene:
-    """Read a caption back into a partial :class:`Scene`: what the caption does not say is ``None``."""
+def parse_caption(text: str, *, names: Mapping[str, str] | None = None) -> Scene:
+    """Read a caption back into a partial :class:`Scene`: what the caption does not say is ``None``.
+    ``names``: the kinds renamed in :func:`caption`, whose words are read as those kinds."""
     t = text.lower().replace("-", " ")
+    for kind, word in (names or {}).items():
+        t = re.sub(rf"(?<![a-z]){re.escape(word.lower().replace('-', ' '))}(?![a-z])", f" {kind} ", t)
     background = None
     m = _BG_RE.search(t)
     if m:

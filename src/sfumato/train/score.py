@@ -106,10 +106,11 @@ def _holes(component: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return holes
 
 
-def _harmonics(yx: np.ndarray, bins: int = 32) -> tuple[float, float, float]:
-    """Amplitudes of the 3rd, 4th and 5th harmonics of the radial profile (the farthest pixel from the
-    centroid per angle), over its mean: a triangle's profile has three lobes, a square's four, a star's five,
-    a circle's none. Rotation-invariant, and blur shrinks the lobes without moving them to another harmonic."""
+def _spectrum(yx: np.ndarray, bins: int = 32) -> np.ndarray:
+    """Amplitudes of the harmonics 0 .. bins/2 of the radial profile (the farthest pixel from the centroid
+    per angle), over its mean: a triangle's profile has three lobes, a square's four, a star's five, a
+    hexagon's six, a circle's none; a crescent's, around a centroid off its middle, is lopsided (1st).
+    Rotation-invariant, and blur shrinks the lobes without moving them to another harmonic."""
     d = yx - yx.mean(0)  # (N, 2) pixel offsets from the centroid
     angle = np.arctan2(d[:, 0], d[:, 1])
     which = ((angle + np.pi) / (2 * np.pi) * bins).astype(int) % bins
@@ -118,8 +119,36 @@ def _harmonics(yx: np.ndarray, bins: int = 32) -> tuple[float, float, float]:
     if not profile.all():  # a sliver: some angles hold no pixel; give them their neighbours' mean
         filled = profile > 0
         profile[~filled] = np.interp(np.flatnonzero(~filled), np.flatnonzero(filled), profile[filled], period=bins)
-    a = np.abs(np.fft.rfft(profile)) / bins / max(profile.mean(), 1e-9)
+    return np.abs(np.fft.rfft(profile)) / bins / max(profile.mean(), 1e-9)
+
+
+def _harmonics(yx: np.ndarray, bins: int = 32) -> tuple[float, float, float]:
+    """The 3rd, 4th and 5th of :func:`_spectrum`."""
+    a = _spectrum(yx, bins)
     return float(a[3]), float(a[4]), float(a[5])
+
+
+def _solidity(yx: np.ndarray) -> float:
+    """Pixel area over the area of the convex hull of the pixels' squares: about 1 for a convex shape (the
+    hull only bridges the staircase of its edge), well under for a crescent or a star."""
+    corners = (yx[:, None, :] + np.array([[0, 0], [0, 1], [1, 0], [1, 1]])).reshape(-1, 2)
+    pts = sorted(set(map(tuple, corners.tolist())))
+    if len(pts) < 3:
+        return 1.0
+
+    def half(points: list[tuple[int, int]]) -> list[tuple[int, int]]:  # Andrew's monotone chain
+        out: list[tuple[int, int]] = []
+        for p in points:
+            while len(out) >= 2 and ((out[-1][0] - out[-2][0]) * (p[1] - out[-2][1])
+                                     - (out[-1][1] - out[-2][1]) * (p[0] - out[-2][0])) <= 0:
+                out.pop()
+            out.append(p)
+        return out[:-1]
+
+    hull = np.array(half(pts) + half(pts[::-1]), np.float64)
+    y, x = hull[:, 0], hull[:, 1]
+    area = 0.5 * abs(float(np.dot(y, np.roll(x, 1)) - np.dot(x, np.roll(y, 1))))
+    return len(yx) / max(area, 1e-9)
 
 
 def _kind(hole_fraction: float, harmonics: tuple[float, float, float]) -> str:
