@@ -1,9 +1,9 @@
 """Random-weight checkpoints of the real sizes, in both layouts, so every benchmark runs without downloads.
 
-For each preset (``sd1`` = SD 1.5, ``sd2-v`` = SD 2.1 768-v, ``sd2`` = SD 2.1-base, ``sdxl`` = SDXL base;
-architectures from ``sfumato.config.PRESETS``) it builds sfumato's own networks on the ``meta`` device,
-fills them with a cheap deterministic init and writes, through ``Pipeline.save`` (the same renaming
-tables the loader uses):
+For each preset (``sd1`` = SD 1.5, ``sd2-v`` = SD 2.1 768-v, ``sd2`` = SD 2.1-base, ``sdxl`` = SDXL base,
+``sd2-upscaler`` = the SD 2 x4 upscaler; architectures from ``sfumato.config.PRESETS``) it builds sfumato's
+own networks on the ``meta`` device, fills them with a cheap deterministic init and writes, through
+``Pipeline.save`` (the same renaming tables the loader uses):
 
     OUT/<name>.safetensors   the original single-file layout (what users download)
     OUT/<name>/              a diffusers folder (model_index.json, unet/, vae/, text_encoder*/, ...)
@@ -21,8 +21,10 @@ PyTorch's default init takes minutes; activations stay in range, so the images a
     python bench/checkpoints.py                           # sd1, sd2-v, sdxl in fp32 under ~/.cache/sfumato/bench
     python bench/checkpoints.py --preset sd1 --half       # fp16 files (half the disk)
     python bench/checkpoints.py --tiny --out /tmp/tiny    # tiny configs (test shapes), seconds
+    python bench/checkpoints.py --preset sd2-upscaler     # the x4 upscaler (bench/upscale.py), not a default
 
-Disk: fp32 SD 1.5 4.3 GB per layout, SD 2.1 5.2 GB, SDXL 13.9 GB (half that in fp16). Needs no diffusers.
+Disk: fp32 SD 1.5 4.3 GB per layout, SD 2.1 5.2 GB, SDXL 13.9 GB, x4 upscaler 3.5 GB (half that in fp16).
+Needs no diffusers.
 """
 
 from __future__ import annotations
@@ -40,14 +42,16 @@ from torch import nn
 
 DEFAULT_OUT = Path.home() / ".cache" / "sfumato" / "bench"
 DEFAULT_PRESETS = ("sd1", "sd2-v", "sdxl")
-CHOICES = ("sd1", "sd2", "sd2-v", "sdxl")
+CHOICES = ("sd1", "sd2", "sd2-v", "sdxl", "sd2-upscaler")
 LAYOUTS = ("single_file", "diffusers")
 INIT = "uniform-fan-in-v1"  # recorded in the settings: a changed init must not pass for an old file
 
 
 def tiny_spec(family: str):
     """The preset with tiny networks, shaped as tests/tiny.py's reference models (two UNet levels, a 2x
-    VAE, 64/128-wide text encoders with 64-wide heads), so detection reads back the same architecture."""
+    VAE, 64/128-wide text encoders with 64-wide heads), so detection reads back the same architecture.
+    The x4 upscaler's: 7 input channels, 1000 noise-level classes, cross-attention only at the first level
+    and self-attention too at the second (as the real one's middle and last levels), a 4x VAE."""
     from sfumato.config import PRESETS, TextEncoderConfig, VAEConfig
 
     preset = PRESETS[family]
@@ -62,6 +66,11 @@ def tiny_spec(family: str):
         # OpenCLIP-H's context is "23 of 24 layers"; of a 3-layer encoder detection takes all 3
         texts = (replace(preset.text_encoders[0], layer=3,
                          config=replace(clip_l, layers=3, activation="gelu")),)
+    elif family == "sd2-upscaler":
+        unet = replace(preset.unet, model_channels=32, transformer_depth=(1, 1), transformer_depth_middle=1,
+                       context_dim=64, disable_self_attn=(True, False), **levels)
+        vae = VAEConfig(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1)
+        texts = (replace(preset.text_encoders[0], layer=3, config=replace(clip_l, layers=3, activation="gelu")),)
     elif family == "sdxl":
         big_g = TextEncoderConfig(width=128, layers=3, heads=2, mlp_width=256, activation="gelu", projection_dim=128)
         unet = replace(preset.unet, model_channels=64, transformer_depth=(0, 2), transformer_depth_middle=2,

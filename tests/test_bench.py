@@ -148,3 +148,31 @@ def test_roofline_counts_attention(tmp_path):
     _run("roofline.py", "--tiny", "--preset", "sd1", "--size", 32, "--meta", "--json", tmp_path / "m.json")
     m = json.loads((tmp_path / "m.json").read_text())
     assert "peak" not in m and m["unet"]["flops"] == unet["flops"] and m["vae_decode"]["flops"] == vae["flops"]
+
+
+def test_upscale_bench(tmp_path):
+    """bench/upscale.py on a tiny x4 upscaler written by bench/checkpoints.py: both layouts hold one model,
+    sfumato and diffusers upscale the synthetic image alike (<= 1/255, as tests/test_zoo.py), and the
+    sfumato-only tiled mode runs one UNet call per window."""
+    ckpt = _checkpoints_module()
+    paths = ckpt.write_checkpoints("sd2-upscaler", tmp_path, tiny=True, log=lambda *a: None)
+    single, folder = paths["single_file"], paths["diffusers"]
+    a, b = sfumato.load(single), sfumato.load(folder)
+    assert a.spec == b.spec == ckpt.tiny_spec("sd2-upscaler")
+    out = _run("upscale.py", "--model", folder, "--size", 16, "--steps", 2, "--json", tmp_path / "u.json")
+    for label in ("load s", "s/step (median)", "VAE decode s", "end-to-end s", "peak RSS GB", "max pixel diff"):
+        assert label in out.stdout, f"no {label!r} in:\n{out.stdout}"
+    r = json.loads((tmp_path / "u.json").read_text())
+    for side in ("sfumato", "diffusers"):
+        s = r[side]
+        assert s["n_steps"] == 2 and s["image_ok"] and s["out_size"] == [64, 64]
+        assert all(s[k] > 0 for k in ("load_s", "step_s", "decode_s", "e2e_s", "peak_rss_gb")), s
+    assert set(r["ratio"]) >= {"load_s", "step_s", "decode_s", "e2e_s", "peak_rss_gb"}
+    assert r["max_pixel_diff"] <= 1, f"upscale: max |diff| = {r['max_pixel_diff']}/255 against diffusers"
+
+    _run("upscale.py", "--model", single, "--sfumato-only", "--size", 32, "--tile", 16, "--tile-overlap", 4,
+         "--steps", 1, "--cfg", 1, "--json", tmp_path / "t.json")
+    t = json.loads((tmp_path / "t.json").read_text())
+    assert "diffusers" not in t and t["max_pixel_diff"] is None
+    assert t["sfumato"]["out_size"] == [128, 128] and t["sfumato"]["image_ok"]
+    assert t["sfumato"]["unet_calls"] == 9  # 32 px in 16 px windows overlapping 4: starts 0, 12, 16 on each axis

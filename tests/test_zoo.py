@@ -291,3 +291,11 @@ def test_cli_upscale_and_estimated_depth(folders, tmp_path):
     # a depth model without an estimator and no --depth: a clear refusal, exit 2
     assert main(["depth2img", str(tmp_path / "small.png"), "x", "--model", str(folders["depth"]), *common,
                  "-o", str(tmp_path / "d.png")]) == 2
+
+
+def test_upscaler_folder_we_write_loads_in_diffusers(folders, tmp_path):
+    import diffusers
+
+    written = sfumato.load(folders["upscaler"]).save(tmp_path / "up", format="diffusers")
+    ref = diffusers.StableDiffusionUpscalePipeline.from_pretrained(str(written))
+    assert ref.low_res_scheduler.config.beta_schedule == "scaled_linear" and ref.config.max_noise_level == 350

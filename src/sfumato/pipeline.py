@@ -398,7 +398,9 @@ class Pipeline:
 
 
 # The x4 upscaler runs untiled up to this input size (a side, pixels) and in UPSCALE_TILE windows above: its
-# first attention level is at half the input size, so a 512 px input would attend over 65536 tokens.
+# latent has the input's size, so untiled a 512 px input means full-size UNet activations of 256 channels
+# (about 0.27 GB each) and an autoencoder whose middle attends over all 262144 latent pixels; the windows
+# bound both (bench/RESULTS.md: 512 -> 2048 px in 4.8 GB peak RSS).
 UPSCALE_UNTILED = 256
 UPSCALE_TILE = 128
 

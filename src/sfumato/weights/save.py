@@ -167,6 +167,13 @@ def _write_diffusers_tree(pipe: Pipeline, root: Path, *, half: bool) -> None:
 
     if pipe.image_encoder is not None:
         _write_unclip(pipe, root, index, half)
+    if spec.concat == "low_res":  # the x4 upscaler's noise augmentation: its own DDPM schedule, 350 levels
+        sched = spec.schedule
+        _write_json(root / "low_res_scheduler" / "scheduler_config.json",
+                    {"_class_name": "DDPMScheduler", "beta_schedule": sched.beta_schedule,
+                     "beta_start": sched.beta_start, "beta_end": sched.beta_end,
+                     "num_train_timesteps": sched.num_timesteps})
+        index.update(low_res_scheduler=["diffusers", "DDPMScheduler"], max_noise_level=350)
     _write_json(root / "scheduler" / "scheduler_config.json", _scheduler_config(spec))
     index["scheduler"] = ["diffusers", "EulerDiscreteScheduler"]
     if spec.text_encoders and len(spec.text_encoders) == 1 and not spec.size_conditioning and not spec.image_encoder:
