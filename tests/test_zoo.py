@@ -271,6 +271,13 @@ def test_depth2img_estimates_depth_like_diffusers(folders, tmp_path):
     flat = ours.depth2img(image, "a room", "blurry", strength=0.7, steps=4, cfg_scale=6.0, sampler="euler",
                           schedule="leading", seed=8, depth_map=np.indices((64, 64))[1].astype(np.float32)).images[0]
     assert _diff(got, flat) > 2, "the estimated depth must be what conditions the image"
+    # written back as a diffusers folder, the estimator and its preprocessing go along: diffusers reads it
+    written = ours.save(tmp_path / "written", format="diffusers")
+    back = diffusers.StableDiffusionDepth2ImgPipeline.from_pretrained(str(written))
+    back.set_progress_bar_config(disable=True)
+    again = back("a room", image=image, negative_prompt="blurry", strength=0.7, num_inference_steps=4,
+                 guidance_scale=6.0, generator=torch.Generator().manual_seed(8)).images[0]
+    assert _diff(again, want) <= 1, "diffusers must read the depth folder sfumato writes"
 
 
 def test_cli_upscale_and_estimated_depth(folders, tmp_path):

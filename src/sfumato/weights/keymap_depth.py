@@ -56,10 +56,12 @@ __all__ = [
     "IGNORED_ORIGINAL_KEYS",
     "build_depth_estimator",
     "depth_config_from_transformers",
+    "depth_config_to_transformers",
     "depth_from_transformers",
     "depth_key_map",
     "depth_to_transformers",
     "preprocessing_from_transformers",
+    "preprocessing_to_transformers",
 ]
 
 # Where SD 2's 512-depth-ema.ckpt keeps the MiDaS model.
@@ -271,6 +273,33 @@ def preprocessing_from_transformers(d: dict) -> DepthPreprocessing:
         mean=tuple(d.get("image_mean", base.mean)),
         std=tuple(d.get("image_std", base.std)),
     )
+
+
+def depth_config_to_transformers(cfg: DPTConfig) -> dict[str, Any]:
+    """``DPTConfig`` -> a transformers ``DPTForDepthEstimation`` config.json dict (is_hybrid, BiT backbone),
+    the inverse of :func:`depth_config_from_transformers`."""
+    backbone = {"model_type": "bit", "embedding_size": cfg.stem_width, "hidden_sizes": list(cfg.stage_widths),
+                "depths": list(cfg.stage_depths), "num_groups": cfg.groups, "layer_type": "bottleneck",
+                "global_padding": "same", "embedding_dynamic_padding": True, "hidden_act": "relu",
+                "out_features": [f"stage{i}" for i in range(1, len(cfg.stage_depths) + 1)]}
+    return {"architectures": ["DPTForDepthEstimation"], "model_type": "dpt", "is_hybrid": True,
+            "hidden_size": cfg.width, "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads,
+            "intermediate_size": cfg.mlp_width, "hidden_act": "gelu", "image_size": cfg.image_size,
+            "patch_size": cfg.patch_size, "num_channels": 3, "qkv_bias": True, "layer_norm_eps": cfg.layer_norm_eps,
+            "backbone_out_indices": [0, 1, *cfg.hooks], "neck_hidden_sizes": list(cfg.neck_widths),
+            "reassemble_factors": [1, 1, 1, 0.5], "fusion_hidden_size": cfg.features, "readout_type": "project",
+            "neck_ignore_stages": [0, 1], "head_in_index": -1, "add_projection": False,
+            "use_batch_norm_in_fusion_residual": False,
+            "backbone_featmap_shape": [1, cfg.stage_widths[-1], cfg.grid, cfg.grid], "backbone_config": backbone}
+
+
+def preprocessing_to_transformers(prep: DepthPreprocessing) -> dict[str, Any]:
+    """``DepthPreprocessing`` -> a ``DPTImageProcessor`` preprocessor_config.json dict."""
+    return {"image_processor_type": "DPTImageProcessor", "size": {"height": prep.size[0], "width": prep.size[1]},
+            "keep_aspect_ratio": prep.keep_aspect_ratio, "ensure_multiple_of": prep.ensure_multiple_of,
+            "resample": int(prep.resample), "do_resize": prep.do_resize, "do_rescale": prep.do_rescale,
+            "rescale_factor": prep.rescale_factor, "do_normalize": prep.do_normalize,
+            "image_mean": list(prep.mean), "image_std": list(prep.std), "do_pad": False}
 
 
 def build_depth_estimator(

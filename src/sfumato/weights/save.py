@@ -138,7 +138,7 @@ def _write_diffusers_tree(pipe: Pipeline, root: Path, *, half: bool) -> None:
     index: dict = {"_class_name": DIFFUSERS_PIPELINES.get(spec.family, "StableDiffusionPipeline"),
                    "_diffusers_version": "0.30.0"}
 
-    unet_json = unet_config_to_diffusers(spec.unet)
+    unet_json = {**unet_config_to_diffusers(spec.unet), "sample_size": spec.default_size // spec.vae.downscale}
     _write_json(root / "unet" / "config.json", unet_json)
     io.write_safetensors(root / "unet" / "diffusion_pytorch_model.safetensors",
                          _cast(unet_to_diffusers(pipe.unet.state_dict(), spec.unet), half))
@@ -167,6 +167,21 @@ def _write_diffusers_tree(pipe: Pipeline, root: Path, *, half: bool) -> None:
 
     if pipe.image_encoder is not None:
         _write_unclip(pipe, root, index, half)
+    if pipe.depth_model is not None:  # depth2img's estimator, as transformers' DPTForDepthEstimation
+        from sfumato.weights.keymap_depth import (
+            depth_config_to_transformers,
+            depth_to_transformers,
+            preprocessing_to_transformers,
+        )
+
+        cfg = pipe.depth_model.cfg
+        _write_json(root / "depth_estimator" / "config.json", depth_config_to_transformers(cfg))
+        io.write_safetensors(root / "depth_estimator" / "model.safetensors",
+                             _cast(depth_to_transformers(pipe.depth_model.state_dict(), cfg), half))
+        _write_json(root / "feature_extractor" / "preprocessor_config.json",
+                    preprocessing_to_transformers(pipe.depth_model.preprocessing))
+        index.update(depth_estimator=["transformers", "DPTForDepthEstimation"],
+                     feature_extractor=["transformers", "DPTImageProcessor"])
     if spec.concat == "low_res":  # the x4 upscaler's noise augmentation: its own DDPM schedule, 350 levels
         sched = spec.schedule
         _write_json(root / "low_res_scheduler" / "scheduler_config.json",
