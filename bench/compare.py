@@ -136,19 +136,12 @@ def worker_sfumato(args: argparse.Namespace) -> dict:
     return _timed_run(generate, timer, args, import_s=import_s, load_s=load_s)
 
 
-def worker_diffusers(args: argparse.Namespace) -> dict:
-    import torch
-
-    t0 = time.perf_counter()
+def load_reference(cls, args: argparse.Namespace, kw: dict):  # noqa: ANN001, ANN201 - a diffusers pipeline class
+    """diffusers' pipeline ``cls`` for ``args.model`` (``from_pretrained`` for a folder, ``from_single_file``
+    for a file, with ``args.config`` when given), on ``args.device``, its scheduler set to Euler on the
+    "leading" schedule (steps_offset 1) as sfumato's side runs: (pipe, stage timer, load seconds)."""
     import diffusers
-    import transformers  # noqa: F401 - its import is part of what a diffusers user pays
 
-    import_s = time.perf_counter() - t0
-    noise = torch.load(args.noise)
-    cls = getattr(diffusers, PIPELINES[args.family])
-    kw: dict = {"torch_dtype": _dtype(args.dtype)}
-    if args.family != "sdxl":
-        kw.update(safety_checker=None, requires_safety_checker=False)
     t0 = time.perf_counter()
     if args.model.is_dir():
         pipe = cls.from_pretrained(str(args.model), local_files_only=True, **kw)
@@ -162,6 +155,23 @@ def worker_diffusers(args: argparse.Namespace) -> dict:
     pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="leading",
                                                                   steps_offset=1)
     pipe.set_progress_bar_config(disable=True)
+    return pipe, timer, load_s
+
+
+def worker_diffusers(args: argparse.Namespace) -> dict:
+    import torch
+
+    t0 = time.perf_counter()
+    import diffusers
+    import transformers  # noqa: F401 - its import is part of what a diffusers user pays
+
+    import_s = time.perf_counter() - t0
+    noise = torch.load(args.noise)
+    cls = getattr(diffusers, PIPELINES[args.family])
+    kw: dict = {"torch_dtype": _dtype(args.dtype)}
+    if args.family != "sdxl":
+        kw.update(safety_checker=None, requires_safety_checker=False)
+    pipe, timer, load_s = load_reference(cls, args, kw)
 
     def on_step(p, i, t, kwargs):
         timer.step()

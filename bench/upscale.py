@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import StageTimer, _dtype, _image_ok, _memory, max_pixel_diff  # noqa: E402
+from compare import StageTimer, _dtype, _image_ok, _memory, load_reference, max_pixel_diff  # noqa: E402
 
 PROMPT = "a sharp photo of a lighthouse on a cliff, fine detail"
 NEGATIVE = "blurry, low quality"
@@ -121,19 +121,7 @@ def worker_diffusers(args: argparse.Namespace) -> dict:
     patched = folder is not None and "low_res_scheduler" not in json.loads((folder / "model_index.json").read_text())
     if patched:  # what sfumato's writer leaves out (see the module docstring)
         kw["low_res_scheduler"] = diffusers.DDPMScheduler(**LOW_RES_SCHEDULER)
-    t0 = time.perf_counter()
-    if args.model.is_dir():
-        pipe = cls.from_pretrained(str(args.model), local_files_only=True, **kw)
-    elif args.config:
-        pipe = cls.from_single_file(str(args.model), config=str(args.config), local_files_only=True, **kw)
-    else:
-        pipe = cls.from_single_file(str(args.model), **kw)
-    pipe = pipe.to(args.device)
-    timer = StageTimer(args.device, pipe.unet, pipe.vae)
-    load_s = timer.now() - t0
-    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="leading",
-                                                                  steps_offset=1)
-    pipe.set_progress_bar_config(disable=True)
+    pipe, timer, load_s = load_reference(cls, args, kw)
     with torch.inference_mode():
         r = _run_timed(lambda: pipe(PROMPT, image=low, negative_prompt=NEGATIVE, noise_level=args.noise_level,
                                     num_inference_steps=args.steps, guidance_scale=args.cfg,

@@ -50,3 +50,23 @@ def running(config) -> Iterator[Running]:
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+def b64_png(img) -> str:
+    """An image as the base64 PNG the AUTOMATIC1111 API carries."""
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def decode_b64(b64: str):
+    """A base64 image from a response."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(base64.b64decode(b64)))

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from .server_util import b64_png as _b64
+from .server_util import decode_b64 as _decode
 from .server_util import running
 
 webuiapi = pytest.importorskip("webuiapi")
@@ -46,16 +48,6 @@ def pipe(tiny_models):
 
 def _post(server, path, body, **kw):
     return httpx.post(server.url + path, json=body, timeout=60, **kw)
-
-
-def _b64(img: Image.Image) -> str:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def _decode(b64: str) -> Image.Image:
-    return Image.open(io.BytesIO(base64.b64decode(b64)))
 
 
 def _reset_options(server):

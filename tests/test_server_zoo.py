@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from .server_util import b64_png as _b64
+from .server_util import decode_b64 as _decode
 from .server_util import running
 
 httpx = pytest.importorskip("httpx")
@@ -59,16 +61,6 @@ def pipes(models):
 def _image(seed: int, size: int) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray((rng.random((size, size, 3)) * 255).astype(np.uint8))
-
-
-def _b64(img: Image.Image) -> str:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def _decode(b64: str) -> Image.Image:
-    return Image.open(io.BytesIO(base64.b64decode(b64)))
 
 
 def _same(a: Image.Image, b: Image.Image) -> bool:

@@ -250,15 +250,21 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     # --- AUTOMATIC1111 -----------------------------------------------------------------------
 
+    def _unfinished(job, error: str) -> JSONResponse | None:  # noqa: ANN001 - a jobs.Job
+        """The webui-style error answer for a job that failed or was cancelled; None when it is done."""
+        if job.state == "failed":
+            return JSONResponse({"error": error, "detail": job.error}, status_code=job.error_status or 500)
+        if job.state == "cancelled":
+            return JSONResponse({"error": "cancelled", "detail": f"job {job.id} was cancelled"}, status_code=409)
+        return None
+
     async def generate(kind: str, request: Request) -> JSONResponse:
         body = await body_of(request)
         task = await asyncio.to_thread(parse, kind, body)
         job = scheduler.submit("a1111", kind, task, _storable(kind, body))
         await wait(job)
-        if job.state == "failed":
-            return JSONResponse({"error": "GenerationError", "detail": job.error}, status_code=job.error_status or 500)
-        if job.state == "cancelled":
-            return JSONResponse({"error": "cancelled", "detail": f"job {job.id} was cancelled"}, status_code=409)
+        if (failed := _unfinished(job, "GenerationError")) is not None:
+            return failed
         o = job.outcome
         images = []
         if task.send_images:
@@ -271,10 +277,8 @@ def create_app(config: ServerConfig) -> FastAPI:
             body, batch=batch, model_upscalers=registry.upscaler_names(), options=upscaling, limits=config.limits))
         job = scheduler.submit("a1111", "extras", task, _storable("extras", body))
         await wait(job)
-        if job.state == "failed":
-            return JSONResponse({"error": "UpscaleError", "detail": job.error}, status_code=job.error_status or 500)
-        if job.state == "cancelled":
-            return JSONResponse({"error": "cancelled", "detail": f"job {job.id} was cancelled"}, status_code=409)
+        if (failed := _unfinished(job, "UpscaleError")) is not None:
+            return failed
         o = job.outcome
         info = extras.html_info(o.infotexts[-1] if o.infotexts else "")
         encoded = await asyncio.to_thread(lambda: [extras.encode_png(im) for im in o.images])

@@ -126,14 +126,16 @@ def open_clip_key_map(cfg: TextEncoderConfig) -> list[tuple[str, tuple[str, ...]
     return rows
 
 
-def _check_keys(have: Mapping[str, Any], want: set[str], ignored: set[str], what: str) -> None:
-    unknown = sorted(set(have) - want - ignored)
+def check_keys(have: Mapping[str, Any], want: set[str], what: str, *, against: str = "text encoder",
+               ignored: set[str] = frozenset()) -> None:
+    """Strict renaming: ``have`` must hold exactly ``want`` (plus ``ignored``), or a ``CheckpointError``
+    names the first unknown and missing keys (``what``: whose state dict; ``against``: the config's network)."""
+    unknown = sorted(set(have) - want - set(ignored))
     missing = sorted(want - set(have))
     if unknown or missing:
-        raise CheckpointError(
-            f"{what} state dict does not match the text encoder config: "
-            f"unknown keys {unknown}, missing keys {missing}"
-        )
+        raise CheckpointError(f"{what} state dict does not match the {against} config: "
+                              f"unknown keys {unknown[:8]}{' ...' if len(unknown) > 8 else ''}, "
+                              f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
 
 
 def clip_from_open_clip(sd: dict[str, Tensor], cfg: TextEncoderConfig) -> dict[str, Tensor]:
@@ -142,7 +144,7 @@ def clip_from_open_clip(sd: dict[str, Tensor], cfg: TextEncoderConfig) -> dict[s
     ignored = set(OPEN_CLIP_IGNORED_KEYS)
     if cfg.projection_dim is None:
         ignored |= {theirs for theirs, _, _ in _PROJECTION}
-    _check_keys(sd, {theirs for theirs, _, _ in rows}, ignored, "OpenCLIP text encoder")
+    check_keys(sd, {theirs for theirs, _, _ in rows}, "OpenCLIP text encoder", ignored=ignored)
     out: dict[str, Tensor] = {}
     for theirs, ours, how in rows:
         t = sd[theirs]
@@ -159,7 +161,7 @@ def clip_to_open_clip(sd: dict[str, Tensor], cfg: TextEncoderConfig) -> dict[str
     loaders such as diffusers' ``convert_open_clip_checkpoint`` do not need them.
     """
     rows = open_clip_key_map(cfg)
-    _check_keys(sd, {k for _, ours, _ in rows for k in ours}, set(), "text encoder")
+    check_keys(sd, {k for _, ours, _ in rows for k in ours}, "text encoder")
     return {theirs: _RESHAPES[how][1](*(sd[k] for k in ours)) for theirs, ours, how in rows}
 
 

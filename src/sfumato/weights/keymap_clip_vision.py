@@ -31,7 +31,7 @@ from torch import Tensor
 from sfumato.errors import CheckpointError
 from sfumato.models import ops
 from sfumato.models.clip_vision import CLIPVisionConfig, CLIPVisionEncoder
-from sfumato.weights.keymap_clip import fuse_qkv, split_qkv, transpose_projection
+from sfumato.weights.keymap_clip import check_keys, fuse_qkv, split_qkv, transpose_projection
 from sfumato.weights.load import assign_weights
 
 __all__ = [
@@ -92,15 +92,6 @@ def open_clip_vision_key_map(layers: int) -> list[tuple[str, tuple[str, ...], st
     return rows
 
 
-def _check_keys(have: Mapping[str, Any], want: set[str], what: str) -> None:
-    unknown = sorted(set(have) - want)
-    missing = sorted(want - set(have))
-    if unknown or missing:
-        raise CheckpointError(f"{what} state dict does not match the vision encoder config: "
-                              f"unknown keys {unknown[:8]}{' ...' if len(unknown) > 8 else ''}, "
-                              f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-
-
 def _layer_count(keys: Mapping[str, Any], pattern: str) -> int:
     prefix, _, _ = pattern.partition("{i}")
     found = {int(k[len(prefix):].split(".", 1)[0]) for k in keys if k.startswith(prefix)}
@@ -115,7 +106,7 @@ def vision_from_openclip(sd: Mapping[str, Tensor], layers: int | None = None) ->
     """
     n = _layer_count(sd, _R) if layers is None else layers
     rows = open_clip_vision_key_map(n)
-    _check_keys(sd, {theirs for theirs, _, _ in rows}, "OpenCLIP vision encoder")
+    check_keys(sd, {theirs for theirs, _, _ in rows}, "OpenCLIP vision encoder", against="vision encoder")
     out: dict[str, Tensor] = {}
     for theirs, ours, how in rows:
         t = sd[theirs]
@@ -128,7 +119,7 @@ def vision_from_openclip(sd: Mapping[str, Tensor], layers: int | None = None) ->
 def vision_to_openclip(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Our (transformers) layout -> OpenAI CLIP / OpenCLIP ``visual.*`` layout (prefix not added). Strict."""
     rows = open_clip_vision_key_map(_layer_count(sd, _L))
-    _check_keys(sd, {k for _, ours, _ in rows for k in ours}, "vision encoder")
+    check_keys(sd, {k for _, ours, _ in rows for k in ours}, "vision encoder", against="vision encoder")
     return {theirs: _RESHAPES[how][1](*(sd[k] for k in ours)) for theirs, ours, how in rows}
 
 

@@ -48,7 +48,7 @@ from torch import Tensor
 from sfumato.errors import CheckpointError
 from sfumato.models import ops
 from sfumato.models.depth import DepthPreprocessing, DPTConfig, DPTDepthModel
-from sfumato.weights.keymap_clip import fuse_qkv, split_qkv
+from sfumato.weights.keymap_clip import check_keys, fuse_qkv, split_qkv
 from sfumato.weights.load import assign_weights
 
 __all__ = [
@@ -149,19 +149,10 @@ def depth_key_map(cfg: DPTConfig) -> list[Row]:
     return rows
 
 
-def _check_keys(have: Mapping[str, Any], want: set[str], what: str) -> None:
-    unknown = sorted(set(have) - want)
-    missing = sorted(want - set(have))
-    if unknown or missing:
-        raise CheckpointError(f"{what} state dict does not match the depth estimator config: "
-                              f"unknown keys {unknown[:8]}{' ...' if len(unknown) > 8 else ''}, "
-                              f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-
-
 def depth_from_transformers(sd: Mapping[str, Tensor], cfg: DPTConfig) -> dict[str, Tensor]:
     """transformers ``DPTForDepthEstimation`` (hybrid) layout -> our (original MiDaS) layout. Strict."""
     rows = depth_key_map(cfg)
-    _check_keys(sd, {k for _, theirs, _ in rows for k in theirs}, "transformers DPT")
+    check_keys(sd, {k for _, theirs, _ in rows for k in theirs}, "transformers DPT", against="depth estimator")
     return {ours: _RESHAPES[how][1](*(sd[k] for k in theirs)) for ours, theirs, how in rows}
 
 
@@ -170,7 +161,7 @@ def depth_to_transformers(sd: Mapping[str, Tensor], cfg: DPTConfig) -> dict[str,
     ``IGNORED_ORIGINAL_KEYS`` (timm's classifier) are dropped if present."""
     sd = {k: v for k, v in sd.items() if k not in IGNORED_ORIGINAL_KEYS}
     rows = depth_key_map(cfg)
-    _check_keys(sd, {ours for ours, _, _ in rows}, "MiDaS DPT")
+    check_keys(sd, {ours for ours, _, _ in rows}, "MiDaS DPT", against="depth estimator")
     out: dict[str, Tensor] = {}
     for ours, theirs, how in rows:
         t = sd[ours]
