@@ -137,7 +137,8 @@ def _personalise(p: argparse.ArgumentParser, method: str) -> None:
         p.add_argument("--conv", action="store_true", help="also the res-block convs (LoCon)")
         p.add_argument("--peft", action="store_true", help="write diffusers' PEFT layout instead of kohya's")
     if method == "dreambooth":
-        p.add_argument("--class-prompt", help="prior preservation: the subject's class, e.g. 'a photo of a dog'")
+        p.add_argument("--class-prompt", action="append", help="prior preservation: the subject's class, e.g. "
+                       "'a photo of a dog' (repeatable: the class images cycle through the prompts)")
         p.add_argument("--class-images", type=int, default=0, help="class images to generate (default: 0)")
         p.add_argument("--prior-weight", type=float, default=1.0, help="prior loss weight (default: 1)")
     if method == "finetune":
@@ -156,7 +157,7 @@ def _run_personalise(args: argparse.Namespace, log) -> int:  # noqa: ANN001
         token=args.token, init_word=getattr(args, "init_word", "*"), vectors=getattr(args, "vectors", 1),
         rank=getattr(args, "rank", 4), alpha=getattr(args, "alpha", None), lora_conv=getattr(args, "conv", False),
         train_text_encoder=getattr(args, "train_text_encoder", False), peft_format=getattr(args, "peft", False),
-        class_prompt=getattr(args, "class_prompt", None), class_images=getattr(args, "class_images", 0),
+        class_prompt=tuple(args.class_prompt) if getattr(args, "class_prompt", None) else None, class_images=getattr(args, "class_images", 0),
         prior_weight=getattr(args, "prior_weight", 1.0), ema_decay=getattr(args, "ema_decay", 0.999),
         checkpoint_every=args.checkpoint_every, validate_every=args.validate_every,
         validation_prompts=tuple(args.validation_prompt), mixed_precision=args.mixed_precision,

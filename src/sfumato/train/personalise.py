@@ -96,7 +96,7 @@ class FinetuneConfig:
     lora_conv: bool = False
     train_text_encoder: bool = False
     peft_format: bool = False
-    class_prompt: str | None = None
+    class_prompt: str | tuple[str, ...] | None = None  # several: class image i uses prompt i mod their count
     class_images: int = 0
     prior_weight: float = 1.0
     ema_decay: float = 0.999
@@ -123,6 +123,9 @@ class FinetuneConfig:
             bad("textual-inversion needs token (the new word to learn, e.g. 'sks-shape')")
         if self.token is not None and (not self.token.strip() or any(c.isspace() for c in self.token)):
             bad(f"token={self.token!r} must be one word without spaces")
+        if not isinstance(self.class_prompt, (str, tuple, type(None))) or (
+                isinstance(self.class_prompt, tuple) and not all(isinstance(c, str) and c for c in self.class_prompt)):
+            bad(f"class_prompt={self.class_prompt!r} must be a prompt or a tuple of prompts")
         if self.class_images < 0 or (self.class_images and not self.class_prompt):
             bad("class_images needs class_prompt (prior preservation generates images of the class)")
         if self.class_prompt and self.method != "dreambooth":
@@ -244,13 +247,15 @@ def _class_items(pipe, cfg: FinetuneConfig, folder: Path, size: int) -> list[Ite
     from sfumato.images import save_image
 
     folder.mkdir(parents=True, exist_ok=True)
+    prompts = (cfg.class_prompt,) if isinstance(cfg.class_prompt, str) else tuple(cfg.class_prompt)
     items = []
     for i in range(cfg.class_images):
+        prompt = prompts[i % len(prompts)]
         path = folder / f"{i:04d}.png"
         if not path.is_file():
-            res = pipe.generate(cfg.class_prompt, width=size, height=size, seed=cfg.seed + i)
+            res = pipe.generate(prompt, width=size, height=size, seed=cfg.seed + i)
             save_image(res.images[0], path, parameters=res.infotexts[0], overwrite=True)
-        items.append(Item(path=path, caption=cfg.class_prompt, repeats=1, width=size, height=size))
+        items.append(Item(path=path, caption=prompt, repeats=1, width=size, height=size))
     return items
 
 
@@ -276,6 +281,8 @@ def finetune(pipe, data: str | Path | Dataset, cfg: FinetuneConfig, *, out_dir: 
     hparams = {k: v for k, v in asdict(cfg).items() if k not in ("steps", "checkpoint_every", "validate_every",
                                                                   "validation_prompts", "validation_steps")}
     hparams["validation_prompts"] = list(cfg.validation_prompts)
+    if isinstance(cfg.class_prompt, tuple):
+        hparams["class_prompt"] = list(cfg.class_prompt)
     hparams["images"] = [str(it.path) for it in items]
 
     # what learns
