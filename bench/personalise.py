@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--examples", type=int, default=8, help="example images (default: 8)")
     ap.add_argument("--steps", type=int, help="override every method's steps")
     ap.add_argument("--lr", type=float, help="override every method's learning rate")
+    ap.add_argument("--prior-weight", type=float, help="override DreamBooth's prior loss weight")
     ap.add_argument("--batch", type=int, default=4, help="batch size (default: 4)")
     ap.add_argument("--eval", type=int, default=50, help="token prompts scored per model (default: 50)")
     ap.add_argument("--old", type=int, default=60, help="old-kind prompts scored per model (default: 60)")
@@ -139,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             plan["steps"] = args.steps
         if args.lr:
             plan["lr"] = args.lr
+        if args.prior_weight is not None and method == "dreambooth":
+            plan["prior_weight"] = args.prior_weight
         if method == "dreambooth":
             rng = random.Random(3)
             plan["class_prompt"] = tuple(describe(sample_scene(rng, two_shapes=0.0)) for _ in range(plan["class_images"]))
