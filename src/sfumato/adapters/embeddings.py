@@ -32,7 +32,7 @@ from sfumato.errors import CheckpointError, InvalidParameterError
 if TYPE_CHECKING:
     from sfumato.pipeline import Pipeline
 
-__all__ = ["Embedding", "read_embedding", "fit_embedding", "load_embedding", "unload_embeddings", "load_embedding_dir",
+__all__ = ["Embedding", "add_token_rows", "read_embedding", "fit_embedding", "load_embedding", "unload_embeddings", "load_embedding_dir",
            "embedding_files", "survey_embeddings"]
 
 _WIDTH_FAMILY = {768: "SD 1.x (CLIP ViT-L/14)", 1024: "SD 2.x (OpenCLIP ViT-H/14)", 1280: "SDXL's OpenCLIP bigG"}
@@ -130,11 +130,23 @@ def load_embedding(pipe: Pipeline, path: str | os.PathLike, token: str | None = 
     token = token or named or path.stem
     encoders = pipe.text_encoders
     vectors = fit_embedding(found, [_token_table(e).weight.shape[1] for e in encoders], pipe.spec.family, path)
+    add_token_rows(pipe, token, vectors)
+    emb = Embedding(token, vectors, path, hashlib.sha256(path.read_bytes()).hexdigest()[:12])
+    _state(pipe).loaded.append(emb)
+    return emb
+
+
+def add_token_rows(pipe: Pipeline, token: str, vectors: list[Tensor], *, trainable: bool = False) -> list[int]:
+    """Give ``token`` ``len(vectors[i])`` new ids in ``pipe``'s own tokenizer (a copy; the shared one stays as
+    it was) and append ``vectors[i]`` to text encoder ``i``'s token table; :func:`unload_embeddings` undoes
+    it. ``trainable``: the tables become float32 parameters that take gradients (textual-inversion training).
+    Returns the new ids."""
+    encoders = pipe.text_encoders
     state = _state(pipe)
     if state.tokenizer is None:
         state.tokenizer = pipe.tokenizer
         state.originals = [_token_table(e).weight.data for e in encoders]
-        pipe.tokenizer = copy.deepcopy(pipe.tokenizer)  # the shared one stays as it was
+        pipe.tokenizer = copy.deepcopy(pipe.tokenizer)
     ids = pipe.tokenizer.add_tokens(token, vectors[0].shape[0])
     for e, v in zip(encoders, vectors):
         table = _token_table(e)
@@ -142,11 +154,10 @@ def load_embedding(pipe: Pipeline, path: str | os.PathLike, token: str | None = 
             raise InvalidParameterError(f"text encoder has {table.weight.shape[0]} token rows, tokenizer "
                                         f"{ids[0]}: the tables are out of step")
         w = table.weight.data
-        table.weight = nn.Parameter(torch.cat([w, v.to(w.device, w.dtype)]), requires_grad=False)
+        rows = torch.cat([w, v.to(w.device, w.dtype)])
+        table.weight = nn.Parameter(rows.float() if trainable else rows, requires_grad=trainable)
         table.num_embeddings = table.weight.shape[0]
-    emb = Embedding(token, vectors, path, hashlib.sha256(path.read_bytes()).hexdigest()[:12])
-    state.loaded.append(emb)
-    return emb
+    return ids
 
 
 def _describe(v: Tensor) -> str:

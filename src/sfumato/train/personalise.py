@@ -33,7 +33,6 @@ message). ``gradient_checkpointing`` recomputes the UNet blocks' activations in 
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import math
 import random
@@ -190,36 +189,21 @@ def _micro_conditioning(pipe, pooled: torch.Tensor, sizes: list[tuple[tuple[int,
     return torch.cat([pooled, torch.stack(rows).to(pooled)], dim=1)
 
 
-def _token_table(encoder: nn.Module) -> nn.Embedding:
-    return encoder.text_model.embeddings.token_embedding
-
-
 class _Inversion:
     """Textual inversion's new rows: added to the tokenizer and every token table, the rest put back."""
 
     def __init__(self, pipe, token: str, n: int, init_word: str) -> None:
-        from sfumato.adapters.embeddings import _state
+        from sfumato.adapters.embeddings import _token_table, add_token_rows
 
         if pipe.tokenizer.token_id(token) is not None:
             raise InvalidParameterError(f"token {token!r} is already a token of this model; choose a new word")
         init = pipe.tokenizer.encode(init_word)
         if not init:
             raise InvalidParameterError(f"init_word {init_word!r} has no tokens")
-        state = _state(pipe)
-        if state.tokenizer is None:  # as load_embedding: unload_embeddings() restores the tables
-            state.tokenizer = pipe.tokenizer
-            state.originals = [_token_table(e).weight.data for e in pipe.text_encoders]
-            pipe.tokenizer = copy.deepcopy(pipe.tokenizer)
-        self.ids = pipe.tokenizer.add_tokens(token, n)
-        self.tables, self.keep = [], []
-        for e in pipe.text_encoders:
-            table = _token_table(e)
-            w = table.weight.data
-            rows = torch.stack([w[init[i % len(init)]] for i in range(n)]).clone()
-            table.weight = nn.Parameter(torch.cat([w, rows]).float(), requires_grad=True)
-            table.num_embeddings = table.weight.shape[0]
-            self.tables.append(table)
-            self.keep.append(table.weight.data[: self.ids[0]].clone())
+        self.tables = [_token_table(e) for e in pipe.text_encoders]
+        start = [t.weight.data[[init[i % len(init)] for i in range(n)]] for t in self.tables]  # (n, width) each
+        self.ids = add_token_rows(pipe, token, start, trainable=True)  # unload_embeddings() restores the tables
+        self.keep = [t.weight.data[: self.ids[0]].clone() for t in self.tables]
 
     def parameters(self) -> list[nn.Parameter]:
         return [t.weight for t in self.tables]
@@ -356,13 +340,17 @@ def finetune(pipe, data: str | Path | Dataset, cfg: FinetuneConfig, *, out_dir: 
     alphas_cumprod = discrete_schedule(spec.schedule).alphas_cumprod.float()
     latents: dict[tuple[str, tuple[int, int], bool], tuple[torch.Tensor, torch.Tensor]] = {}
     contexts: dict[str, torch.Tensor] = {}
-    per_epoch = len(bucket_batches(items, cfg.batch_size, cfg.seed, 0,
-                                   buckets=[assign_bucket(it.width, it.height, buckets) for it in items]))
+    item_buckets = [assign_bucket(it.width, it.height, buckets) for it in items]
+    plan: dict[int, list] = {}  # epoch -> its batches (the same count every epoch); only the current one kept
 
     def batch_at(i: int) -> tuple[tuple[int, int], list[Item]]:
-        epoch, k = divmod(i, per_epoch)
-        b = bucket_batches(items, cfg.batch_size, cfg.seed, epoch,
-                           buckets=[assign_bucket(it.width, it.height, buckets) for it in items])[k]
+        if not plan:
+            plan[0] = bucket_batches(items, cfg.batch_size, cfg.seed, 0, buckets=item_buckets)
+        epoch, k = divmod(i, len(next(iter(plan.values()))))
+        if epoch not in plan:
+            plan.clear()
+            plan[epoch] = bucket_batches(items, cfg.batch_size, cfg.seed, epoch, buckets=item_buckets)
+        b = plan[epoch][k]
         return b.bucket, [items[j] for j in b.indices]
 
     def encode(batch: list[Item], bucket: tuple[int, int], rng: random.Random, g: torch.Generator) -> tuple:
