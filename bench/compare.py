@@ -28,7 +28,7 @@ Ratios are sfumato / diffusers (below 1: sfumato is faster or smaller).
     python bench/compare.py --model ~/.cache/sfumato/bench/sd1-fp32 --size 256 --steps 20          # folder
     python bench/compare.py --model sdxl-fp16.safetensors --size 1024 --steps 30 --device cuda --dtype fp16
     python bench/compare.py --model ~/.cache/sfumato/bench/sd1-fp32.safetensors --size 256 --steps 20 \
-        --fast deepcache=3                                    # + a fast path: ratios and PSNR vs the exact image
+        --fast deepcache=3 --fast int8=unet,tome=0.5            # + fast paths: ratios and PSNR vs the exact image
 
 diffusers' ``from_single_file`` needs a diffusers config for the architecture: ``--config FOLDER``, by default
 the folder beside the file with the same name (what ``bench/checkpoints.py`` writes); without one it fetches
@@ -220,9 +220,9 @@ def psnr(a: Path, b: Path) -> float:
     return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
 
 
-def _fast_options(items: list[str] | None) -> dict:
+def _fast_options(items: list[str]) -> dict:
     out = {}
-    for item in items or []:
+    for item in (part for arg in items for part in arg.split(",") if part):
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"--fast {item!r}: expected KEY=VALUE, e.g. deepcache=3")
@@ -267,9 +267,10 @@ def main(argv: list[str] | None = None) -> int:
                     "(default 1 on CUDA, 0 on the CPU)")
     ap.add_argument("--out", type=Path, help="keep both images in this folder")
     ap.add_argument("--json", type=Path, help="also write the results here")
-    ap.add_argument("--fast", nargs="+", metavar="KEY=VALUE", help="also run sfumato with these generation "
-                    "options (a fast path, e.g. deepcache=3) and report its ratios and its PSNR / max diff "
-                    "against sfumato's exact image")
+    ap.add_argument("--fast", nargs="+", action="append", metavar="KEY=VALUE", help="also run sfumato with "
+                    "these generation options (a fast path, e.g. deepcache=3; several: int8=unet,deepcache=3) "
+                    "and report its ratios and its PSNR / max diff against sfumato's exact image; repeat "
+                    "--fast for more fast paths in the same run")
     ap.add_argument("--worker", choices=("sfumato", "diffusers"), help=argparse.SUPPRESS)
     ap.add_argument("--gen-kw", help=argparse.SUPPRESS)
     ap.add_argument("--family", help=argparse.SUPPRESS)
@@ -299,17 +300,17 @@ def main(argv: list[str] | None = None) -> int:
         noise = Path(tmp) / "noise.pt"
         _write_noise(args, spec, noise)
         results = {}
-        fast = _fast_options(args.fast)
-        for side in ("sfumato", "diffusers", *(["fast"] if fast else [])):
-            worker = "sfumato" if side == "fast" else side
+        fasts = [_fast_options(items) for items in args.fast or []]
+        for side in ("sfumato", "diffusers", *(f"fast{i}" for i in range(len(fasts)))):
+            worker = "sfumato" if side.startswith("fast") else side
             cmd = [sys.executable, __file__, "--worker", worker, "--model", str(args.model), "--family", spec.family,
                    "--noise", str(noise), "--image", str(images / f"{side}.png"), "--size", str(args.size),
                    "--steps", str(args.steps), "--device", args.device, "--dtype", args.dtype,
                    "--seed", str(args.seed), "--cfg", str(args.cfg), "--warmup", str(args.warmup)]
             if config is not None:
                 cmd += ["--config", str(config)]
-            if side == "fast":
-                cmd += ["--gen-kw", json.dumps(fast)]
+            if side.startswith("fast"):
+                cmd += ["--gen-kw", json.dumps(fasts[int(side[4:])])]
             out = subprocess.run(cmd, capture_output=True, text=True)
             line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if out.returncode or line is None:
@@ -321,9 +322,11 @@ def main(argv: list[str] | None = None) -> int:
             r["image_ok"] = _image_ok(images / f"{side}.png")
             results[side] = r
         diff = max_pixel_diff(images / "sfumato.png", images / "diffusers.png")
-        if fast:
-            results["fast"]["psnr_db"] = psnr(images / "fast.png", images / "sfumato.png")
-            results["fast"]["max_diff"] = max_pixel_diff(images / "fast.png", images / "sfumato.png")
+        for i, options in enumerate(fasts):
+            fr = results[f"fast{i}"]
+            fr["options"] = options
+            fr["psnr_db"] = psnr(images / f"fast{i}.png", images / "sfumato.png")
+            fr["max_diff"] = max_pixel_diff(images / f"fast{i}.png", images / "sfumato.png")
 
     s, d = results["sfumato"], results["diffusers"]
     layout = "diffusers folder" if args.model.is_dir() else "single file"
@@ -339,9 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label:22} {s[key]:10.3f} {d[key]:10.3f} {ratios[key]:18.3f}")
     print(f"max pixel diff: {diff}/255 (uint8, {args.size}x{args.size}x3)"
           f"{'' if s['image_ok'] and d['image_ok'] else '; an image is flat (BAD)'}")
-    if fast:
-        fr = results["fast"]
-        print(f"fast path {fast}:")
+    for i, options in enumerate(fasts):
+        fr = results[f"fast{i}"]
+        print(f"fast path {options}:")
         print(f"{'':22} {'fast':>10} {'diffusers':>10} {'fast/diffusers':>18} {'fast/sfumato':>14}")
         for key, label in ROWS:
             if fr.get(key) is None or d.get(key) is None or not d[key] or not s.get(key):
@@ -352,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps({"family": spec.family, "model": str(args.model), "size": args.size,
                                          "steps": args.steps, "device": args.device, "dtype": args.dtype,
                                          "sfumato": s, "diffusers": d, "ratio": ratios, "max_pixel_diff": diff,
-                                         "fast": results.get("fast"), "fast_options": fast},
+                                         "fast": [results[f"fast{i}"] for i in range(len(fasts))]},
                                         indent=2) + "\n")
     return 0 if s["image_ok"] and d["image_ok"] else 1
 

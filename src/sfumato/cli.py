@@ -30,6 +30,7 @@ from typing import Any, TextIO
 
 from sfumato.errors import CheckpointError, SfumatoError
 from sfumato.hashes import legacy_model_hash, sha256_file  # public names of this module too
+from sfumato.params import INT8_MODES
 
 __all__ = ["main", "build_parser", "Progress", "describe_checkpoint", "legacy_model_hash", "sha256_file"]
 
@@ -282,6 +283,10 @@ def _generation_options(p: argparse.ArgumentParser) -> None:
                       "shallow blocks only in between (default: 1, off)")
     fast.add_argument("--deepcache-depth", type=int, metavar="D", help="input blocks 1..D run on cached steps "
                       "(default: 1)")
+    fast.add_argument("--int8", choices=INT8_MODES, help="int8 linears and convs on the CPU's integer units: "
+                      "the UNet, or the UNet and the VAE decode (CPU float32 only; default: none)")
+    fast.add_argument("--tome", type=float, metavar="RATIO", help="token merging: this fraction of the "
+                      "highest-resolution self-attention tokens merged (0-0.75; default: 0, off)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing -o FILE")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress or status on stderr")
     xl = p.add_argument_group("SDXL")
@@ -434,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
 # --- commands ---------------------------------------------------------------------------------------
 
 _PARAM_ARGS = ("steps", "cfg_scale", "sampler", "schedule", "seed", "batch_size", "clip_skip", "subseed",
-               "subseed_strength", "eta", "deepcache", "deepcache_depth")
+               "subseed_strength", "eta", "deepcache", "deepcache_depth", "int8", "tome")
 
 
 def _device(name: str) -> str:

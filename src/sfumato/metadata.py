@@ -212,6 +212,10 @@ def infotext(params: GenerationParams, *, seed: int, model_name: str | None, mod
     if p.deepcache > 1:
         fields["DeepCache"] = p.deepcache
         fields["DeepCache depth"] = p.deepcache_depth
+    if p.int8 != "none":
+        fields["Int8"] = p.int8
+    if p.tome > 0:
+        fields["Token merging ratio"] = p.tome  # AUTOMATIC1111's key for its ToMe setting
     fields.update(_sdxl_fields(p))
     fields.update(p.extra)
     fields.update(extra)
@@ -319,6 +323,7 @@ _SIMPLE_FIELDS: dict[str, tuple[str, Any]] = {
     "Sigma tmax": ("s_tmax", _float), "Sigma noise": ("s_noise", _float), "Mask blur": ("mask_blur", _int),
     "Masked area padding": ("inpaint_padding", _int), _GUIDANCE_RESCALE_KEY: ("guidance_rescale", _float),
     "DeepCache": ("deepcache", _int), "DeepCache depth": ("deepcache_depth", _int),
+    "Int8": ("int8", lambda key, value: value), "Token merging ratio": ("tome", _float),
 }
 def _wxh(key: str, value: str) -> tuple[int, int]:
     m = _SIZE_RE.match(value.strip())

@@ -12,6 +12,7 @@ from sfumato.errors import InvalidParameterError
 INPAINT_FILLS = ("original", "latent_noise", "latent_nothing", "fill")
 EMPHASIS = ("original", "none")
 IMG2IMG_MODES = ("diffusers", "a1111")
+INT8_MODES = ("none", "unet", "unet+vae")  # what runs in int8 (sfumato.models.quant)
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,13 @@ class GenerationParams:
     # from input block 0 to ``deepcache_depth`` on the others (sfumato.models.unet.StepCache); 1 = off
     deepcache: int = 1
     deepcache_depth: int = 1
+    # int8 (a fast path, off by default, CPU float32 only): the UNet's (and ControlNets') big linears and
+    # convs run as int8 products on the CPU's integer units (sfumato.models.quant); "unet+vae" also the
+    # autoencoder's decode
+    int8: str = "none"
+    # token merging (ToMe, a fast path, off by default): this fraction of the self-attention tokens at the
+    # highest resolution merged (sfumato.models.tome); 0 = off, at most 0.75
+    tome: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)  # free-form, carried into the metadata
 
     def replace(self, **changes: Any) -> GenerationParams:
@@ -147,6 +155,9 @@ def validate(p: GenerationParams, *, size_multiple: int = 8) -> GenerationParams
         _float("image_cfg_scale", p.image_cfg_scale, 0.0, 100.0)
     _int("deepcache", p.deepcache, 1, 100)
     _int("deepcache_depth", p.deepcache_depth, 0, 64)
+    if p.int8 not in INT8_MODES:
+        raise InvalidParameterError(f"int8 {p.int8!r} is not one of {', '.join(INT8_MODES)}")
+    _float("tome", p.tome, 0.0, 0.75)
     if p.emphasis.lower() not in EMPHASIS:
         raise InvalidParameterError(f"emphasis {p.emphasis!r} is not one of {', '.join(EMPHASIS)}")
     if p.strength is not None:

@@ -33,7 +33,7 @@ from sfumato import imageops
 from sfumato.config import ModelSpec
 from sfumato.errors import InvalidParameterError
 from sfumato.models.unet import StepCache, UNetModel, timestep_embedding
-from sfumato.models import ops
+from sfumato.models import ops, tome
 from sfumato.models.vae import AutoencoderKL, DiagonalGaussian
 from sfumato.params import GenerationParams, validate
 from sfumato.text.conditioning import Conditioning, encode_prompt, pad_to_same_length
@@ -566,6 +566,7 @@ def guided_model(pipe: Pipeline, conds: _Conds, p: GenerationParams, state: dict
     unet = pipe.unet
     dtype = pipe.dtype
     cache = StepCache(p.deepcache, p.deepcache_depth) if p.deepcache > 1 else None
+    merging = tome.TokenMerging(p.tome, seed=p.seed) if p.tome > 0 else None
     pix2pix_edit = pipe.spec.concat == "pix2pix" and p.image_cfg_scale is not None
     if pix2pix_edit and len(conds.parts) != 1:
         raise InvalidParameterError("edit takes one instruction: AND-composed prompts are not supported there")
@@ -609,8 +610,11 @@ def guided_model(pipe: Pipeline, conds: _Conds, p: GenerationParams, state: dict
                 extra[2 * b:] = 0
             xs = torch.cat([xs, extra.to(xs.dtype)], dim=1)
         ts = t.reshape(-1).expand(b).repeat(n)
-        control = _control_residuals(hints, state, xs.to(dtype), ts, context, y, n, b, use_uncond, guess_mode)
-        out = unet(xs.to(dtype), ts, context=context, y=y, cache=cache, control=control).float().chunk(n)
+        if merging is not None:
+            merging.begin()
+        with int8_mode(pipe, p.int8 != "none"), tome.token_merging(merging):
+            control = _control_residuals(hints, state, xs.to(dtype), ts, context, y, n, b, use_uncond, guess_mode)
+            out = unet(xs.to(dtype), ts, context=context, y=y, cache=cache, control=control).float().chunk(n)
         if not use_uncond:
             return out[0]
         if pix2pix:
@@ -759,12 +763,13 @@ def _vae_decode(pipe: Pipeline, z: torch.Tensor, tile: int | None = None) -> tor
     return out[0] if len(out) == 1 else torch.cat(out)
 
 
-def decode(pipe: Pipeline, latents: torch.Tensor, *, tile: int | None = None) -> list[Image.Image]:
+def decode(pipe: Pipeline, latents: torch.Tensor, *, tile: int | None = None, int8: bool = False) -> list[Image.Image]:
     """Scaled latents -> images. A half-precision autoencoder that overflows (non-finite pixels) decodes
     again in fp32, with a warning the first time; one the spec marks (``vae_upcast``) decodes in fp32.
-    ``tile``: decode in tiles of that many latent pixels whatever ``pipe.memory`` says."""
+    ``tile``: decode in tiles of that many latent pixels whatever ``pipe.memory`` says. ``int8``: the
+    decoder's big convs in int8 (a fast path; :func:`int8_mode`)."""
     z = latents / pipe.spec.latent_scale + pipe.spec.latent_shift
-    with _vae_precision(pipe, upcast=pipe.spec.vae_upcast) as dtype:
+    with _vae_precision(pipe, upcast=pipe.spec.vae_upcast) as dtype, int8_mode(pipe, int8):
         pixels = _vae_decode(pipe, z.to(pipe.device, dtype), tile)
     if not torch.isfinite(pixels).all() and dtype != torch.float32:
         _warn_once("vae-overflow", f"the autoencoder overflowed in {dtype} (non-finite pixels); decoding in "
@@ -772,6 +777,31 @@ def decode(pipe: Pipeline, latents: torch.Tensor, *, tile: int | None = None) ->
         with _vae_precision(pipe, upcast=True) as dtype:
             pixels = _vae_decode(pipe, z.to(pipe.device, dtype), tile)
     return imageops.tensor_to_images(pixels)
+
+
+def check_int8(pipe: Pipeline, p: GenerationParams) -> None:
+    """Refuse int8 where it cannot run: it is a CPU float32 fast path on oneDNN's int8 kernels."""
+    if p.int8 == "none":
+        return
+    from sfumato.models.quant import int8_available
+
+    if pipe.device.type != "cpu" or pipe.dtype != torch.float32:
+        raise InvalidParameterError(f"int8={p.int8!r} runs on a CPU float32 pipeline; this one is "
+                                    f"{pipe.device.type} {str(pipe.dtype).removeprefix('torch.')} (use int8='none')")
+    if not int8_available():
+        raise InvalidParameterError(f"int8={p.int8!r} needs torch's oneDNN int8 CPU kernels, which this torch "
+                                    f"{torch.__version__} lacks (use int8='none')")
+
+
+def int8_mode(pipe: Pipeline, on: bool) -> contextlib.AbstractContextManager:
+    """Big linears and convs of float32 CPU tensors in int8 within the block (``models.quant``), their packed
+    weights kept on the pipeline for the next call; a no-op context when not ``on``."""
+    if not on:
+        return contextlib.nullcontext()
+    from sfumato.adapters import pipe_state
+    from sfumato.models.quant import Int8Weights, int8_matmuls
+
+    return int8_matmuls(pipe_state(pipe, "_int8_weights", Int8Weights))
 
 
 _WARNED: set[str] = set()
@@ -834,6 +864,7 @@ def run(pipe: Pipeline, p: GenerationParams, *, image: Image.Image | None = None
     from sfumato.sampling import SAMPLERS, discrete_schedule, get_sigmas, make_denoiser, split_for_experts
 
     spec, info = pipe.spec, SAMPLERS[p.sampler]
+    check_int8(pipe, p)
     seed = _seed(p)
     p = p.replace(seed=seed)
     if p.subseed_strength > 0 and (p.subseed is None or p.subseed < 0):
@@ -890,7 +921,8 @@ def run(pipe: Pipeline, p: GenerationParams, *, image: Image.Image | None = None
                 filler = torch.randn(init.shape, generator=g) if p.inpaint_fill == "latent_noise" else 0.0
                 init = lmask * filler + (1 - lmask) * init
         if len(sigmas) <= 1:  # strength 0: nothing to denoise
-            return _result(pipe, p, decode(pipe, init.expand(b, -1, -1, -1)), seed, inpaint=mask is not None)
+            return _result(pipe, p, decode(pipe, init.expand(b, -1, -1, -1), int8=p.int8 == "unet+vae"), seed,
+                           inpaint=mask is not None)
 
         sigma0 = float(sigmas[0])
         if handoff is not None:
@@ -929,7 +961,7 @@ def run(pipe: Pipeline, p: GenerationParams, *, image: Image.Image | None = None
         if output == "latents":
             return Handoff(latents=x, generator=g, params=p, seed=seed)
         x = x / math.sqrt(1 + float(sigmas[-1]) ** 2)
-        images = decode(pipe, x, tile=tiling.size if tiling is not None else None)
+        images = decode(pipe, x, tile=tiling.size if tiling is not None else None, int8=p.int8 == "unet+vae")
         if pmask is not None and p.mask_blur > 0:
             images = [Image.composite(im, image.resize(im.size), mask.convert("L").resize(im.size).filter(
                 imageops.ImageFilter.GaussianBlur(p.mask_blur))) for im in images]

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sfumato.config import UNetConfig
+from sfumato.models import tome
 from sfumato.models.ops import attention, group_norm
 
 __all__ = ["UNetModel", "StepCache", "timestep_embedding"]
@@ -119,8 +120,15 @@ class BasicTransformerBlock(nn.Module):
         self.attn2 = CrossAttention(dim, context_dim, heads, dim_head, upcast)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-        x = self.attn1(self.norm1(x), context if self.only_cross else None) + x
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None, hw: tuple[int, int] | None = None) -> torch.Tensor:
+        """``hw``: the token grid, for token merging (``tome.token_merging``) of the self-attention."""
+        merging = tome.active()
+        plan = merging.plan(x, *hw) if merging is not None and hw is not None and not self.only_cross else None
+        if plan is None:
+            x = self.attn1(self.norm1(x), context if self.only_cross else None) + x
+        else:
+            merge, unmerge = plan
+            x = unmerge(self.attn1(merge(self.norm1(x)))) + x
         x = self.attn2(self.norm2(x), context) + x
         return self.ff(self.norm3(x)) + x
 
@@ -152,7 +160,7 @@ class SpatialTransformer(nn.Module):
         if self.use_linear:
             x = self.proj_in(x)
         for block in self.transformer_blocks:
-            x = block(x, context)
+            x = block(x, context, (h, w))
         if self.use_linear:
             x = self.proj_out(x)
         # contiguous: the transposed view would be channels-last, and every conv after it would then
