@@ -1,6 +1,8 @@
-"""Memory modes (issue 7), on the built-in model: VAE and attention slicing exact up to rounding, VAE tiling bounded and close to the whole decode; bad options are refused at the boundary."""
+"""Memory modes (issue 7), on the built-in model: VAE and attention slicing exact up to rounding, VAE tiling bounded and close to the whole decode, offload exact with one component's mapped weights resident at a time; bad options are refused at the boundary."""
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import pytest
@@ -92,6 +94,7 @@ def test_vae_tiling_encodes_img2img_input_in_tiles(pipe):
     (dict(vae_tile_overlap=0.9), r"vae_tile_overlap must be in \(0, 0.5\], got 0.9"),
     (dict(attention_slice=0), "attention_slice must be a positive number of tokens or None, got 0"),
     (dict(attention_slice=True), "attention_slice"),
+    (dict(offload="yes"), "offload must be True or False, got 'yes'"),
 ])
 def test_bad_memory_options_are_refused(kwargs, match):
     with pytest.raises(InvalidParameterError, match=match):
@@ -101,9 +104,69 @@ def test_bad_memory_options_are_refused(kwargs, match):
 def test_cli_memory_flags(tmp_path, capsys):
     out = tmp_path / "tiled.png"
     code = main(["generate", "a blue star", "--width", "128", "--height", "128", "--steps", "3", "--vae-tiling",
-                 "--vae-slicing", "--attention-slice", "64", "-o", str(out), "-q"])
+                 "--vae-slicing", "--attention-slice", "64", "--offload", "-o", str(out), "-q"])
     assert code == 0 and out.is_file()
     code = main(["generate", "a blue star", "--vae-tile", "100", "-o", str(tmp_path / "x.png"), "-q"])
     err = capsys.readouterr().err
     assert code == 2 and "vae_tile must be a multiple of 64" in err and "Traceback" not in err
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.fixture(scope="module")
+def mapped(tmp_path_factory):
+    """The built-in model saved in float32 and loaded again: its weights are mapped from the file (the
+    built-in file itself is float16, converted on load, so nothing of it is mapped)."""
+    path = tmp_path_factory.mktemp("fp32") / "model.safetensors"
+    sfumato.load().save(path)
+    return sfumato.load(path)
+
+
+def test_offload_is_exact_and_keeps_one_component_resident(mapped, monkeypatch):
+    """offload: the same pixels; the text encoder's and the UNet's mapped pages released after the run, the
+    autoencoder's (the last to run) resident; the components ran in spine order."""
+    from sfumato.weights import pages
+
+    te, unet, vae = mapped.text_encoders[0], mapped.unet, mapped.vae
+    for m in (te, unet, vae):
+        resident, total = pages.resident_bytes(m)
+        assert total > 0 and resident == total
+    exact = _arrays(_generate(mapped, MemoryOptions()))
+    switches = []
+    real = pages.idle_release
+
+    @contextlib.contextmanager
+    def spy(components):
+        with real(components) as state:
+            yield state
+        switches.append(state["switches"])
+
+    monkeypatch.setattr(pages, "idle_release", spy)
+    got = _arrays(_generate(mapped, MemoryOptions(offload=True)))
+    assert all(np.array_equal(a, b) for a, b in zip(got, exact))
+    assert switches == [["CLIPTextEncoder", "UNetModel", "AutoencoderKL"]]
+    assert pages.resident_bytes(te)[0] == 0 and pages.resident_bytes(unet)[0] == 0
+    resident, total = pages.resident_bytes(vae)
+    assert resident == total
+    # hooks are gone after the run: a plain generation leaves everything resident again
+    _generate(mapped, MemoryOptions())
+    assert pages.resident_bytes(unet)[0] == pages.resident_bytes(unet)[1]
+
+
+def test_release_never_drops_a_changed_page(mapped):
+    """A weight changed in place (a private copy-on-write page) keeps its value through release: only
+    unchanged file pages leave; the untouched rest of the UNet is released."""
+    from sfumato.weights import pages
+
+    big = max(mapped.unet.parameters(), key=lambda p: p.numel())
+    before = big.detach().clone()
+    try:
+        with torch.no_grad():
+            big.data[0].add_(1.0)
+        changed = big.detach().clone()
+        released = pages.release(mapped.unet)
+        resident, total = pages.resident_bytes(mapped.unet)
+        assert released > 0 and 0 < resident < total // 10
+        assert torch.equal(big.detach(), changed) and not torch.equal(changed, before)
+    finally:
+        with torch.no_grad():
+            big.data.copy_(before)

@@ -236,6 +236,8 @@ def _generation_options(p: argparse.ArgumentParser) -> None:
                      "(default: the model's native size)")
     mem.add_argument("--vae-slicing", action="store_true", help="one image of a batch at a time through the VAE")
     mem.add_argument("--attention-slice", type=int, metavar="N", help="at most N query tokens per attention call")
+    mem.add_argument("--offload", action="store_true", help="idle components leave RAM: only the running one keeps "
+                     "its mapped weights (CPU; peak = the largest component)")
     out = p.add_mutually_exclusive_group()
     out.add_argument("-o", "--output", metavar="FILE", help="write to FILE (.png, .jpg or .webp); with "
                      "--batch N, FILE-1.png ... FILE-N.png")
@@ -608,7 +610,7 @@ def _generate(args: argparse.Namespace) -> int:
         if not Path(path).is_file():
             raise InvalidParameterError(f"--embedding {path}: no such file")
     memory = MemoryOptions(vae_tiling=args.vae_tiling or args.vae_tile is not None, vae_tile=args.vae_tile,
-                           vae_slicing=args.vae_slicing, attention_slice=args.attention_slice)
+                           vae_slicing=args.vae_slicing, attention_slice=args.attention_slice, offload=args.offload)
 
     _status(args, f"loading {args.model or 'the built-in model'}")
     t0 = time.monotonic()

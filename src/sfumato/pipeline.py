@@ -55,6 +55,11 @@ class MemoryOptions:
     ``vae_slicing``: one image of a batch at a time through the autoencoder (exact up to rounding).
     ``attention_slice``: at most this many query tokens per attention call (exact up to rounding);
     None: all at once (torch's fused attention already works in blocks on the CPU).
+    ``offload``: idle components leave memory (exact): on the CPU, only the component running (text
+    encoders, UNet, autoencoder, extras) keeps its mapped weight pages; the others' are released and
+    mapped back from the page cache when they next run (``weights.pages.idle_release``), so the peak is
+    the largest component plus activations. Moving components between an accelerator and CPU memory is
+    not implemented (refused on a GPU pipeline).
     """
 
     vae_tiling: bool = False
@@ -62,6 +67,7 @@ class MemoryOptions:
     vae_tile_overlap: float = 0.25
     vae_slicing: bool = False
     attention_slice: int | None = None
+    offload: bool = False
 
     def __post_init__(self) -> None:
         if self.vae_tile is not None and (isinstance(self.vae_tile, bool) or not isinstance(self.vae_tile, int)
@@ -74,6 +80,9 @@ class MemoryOptions:
                                                  or self.attention_slice < 1):
             raise InvalidParameterError(f"attention_slice must be a positive number of tokens or None, "
                                         f"got {self.attention_slice!r}")
+        for name in ("vae_tiling", "vae_slicing", "offload"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidParameterError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -779,6 +788,18 @@ def decode(pipe: Pipeline, latents: torch.Tensor, *, tile: int | None = None, in
     return imageops.tensor_to_images(pixels)
 
 
+def _offloading(pipe: Pipeline) -> contextlib.AbstractContextManager:
+    """``MemoryOptions.offload``: one component's mapped weights resident at a time, within the block."""
+    if not pipe.memory.offload:
+        return contextlib.nullcontext()
+    if pipe.device.type != "cpu":
+        raise InvalidParameterError(f"offload releases idle weights from RAM on the CPU; on {pipe.device.type} "
+                                    "moving components to CPU memory is not implemented (use offload=False)")
+    from sfumato.weights.pages import idle_release
+
+    return idle_release(pipe.modules())
+
+
 def check_int8(pipe: Pipeline, p: GenerationParams) -> None:
     """Refuse int8 where it cannot run: it is a CPU float32 fast path on oneDNN's int8 kernels."""
     if p.int8 == "none":
@@ -876,7 +897,7 @@ def run(pipe: Pipeline, p: GenerationParams, *, image: Image.Image | None = None
     shape = (b, spec.unet.out_channels, p.height // f, p.width // f)
 
     text_p = _prompt_loras(pipe, p)
-    with torch.inference_mode(), ops.attention_slicing(pipe.memory.attention_slice):
+    with torch.inference_mode(), ops.attention_slicing(pipe.memory.attention_slice), _offloading(pipe):
         conds = conditioning(pipe, text_p)
         discrete = discrete_schedule(spec.schedule)
         sigmas = get_sigmas(p.schedule, p.steps, discrete, sampler=info, ays_timesteps=spec.ays_timesteps).float()

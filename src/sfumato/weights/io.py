@@ -180,6 +180,9 @@ class Checkpoint:
                     self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY)
                 except (OSError, ValueError) as e:
                     raise CheckpointError(f"{self.path}: cannot map the file ({e})") from None
+                from sfumato.weights.pages import register_map
+
+                register_map(self._map)
             _populate(self._map, start, ref.numel * ref.dtype.itemsize)
             return torch.frombuffer(self._map, dtype=ref.dtype, count=ref.numel, offset=start).view(ref.shape)
         if not ref.contiguous:  # only pickles have these (views of a larger storage): read the span, copy
