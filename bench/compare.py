@@ -19,6 +19,7 @@ callbacks, in one generation call on each side:
     end-to-end     the whole generation call: prompt -> PIL image (for a single file, sfumato's includes
                    its one-time SHA-256 of the file, AUTOMATIC1111's "Model hash" in the infotext)
     peak RSS       the process's maximum resident set (ru_maxrss), load included; peak GPU memory on CUDA
+    RSS generating the largest resident set seen (sampled every 5 ms) during the generation call
 
 and the largest difference of the two uint8 images (same weights, two implementations: <= 2/255 in fp32).
 Ratios are sfumato / diffusers (below 1: sfumato is faster or smaller).
@@ -53,7 +54,8 @@ PIPELINES = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline",
              "sd2-v": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
 ROWS = [("import_s", "import s"), ("load_s", "load s"), ("ready_s", "import + load s"), ("text_s", "text encoding s"),
         ("step_s", "s/step (median)"), ("decode_s", "VAE decode s"), ("e2e_s", "end-to-end s"),
-        ("total_s", "import + load + e2e s"), ("peak_rss_gb", "peak RSS GB"), ("peak_gpu_gb", "peak GPU GB")]
+        ("total_s", "import + load + e2e s"), ("peak_rss_gb", "peak RSS GB"),
+        ("gen_rss_gb", "peak RSS generating GB"), ("peak_gpu_gb", "peak GPU GB")]
 
 
 def _dtype(name: str):
@@ -127,11 +129,17 @@ def worker_sfumato(args: argparse.Namespace) -> dict:
     pipe = sfumato.load(args.model, device=args.device, dtype=_dtype(args.dtype))
     timer = StageTimer(args.device, pipe.unet, pipe.vae)
     load_s = timer.now() - t0
+    kw = json.loads(args.gen_kw or "{}")
+    memory = {k.split(".", 1)[1]: kw.pop(k) for k in list(kw) if k.startswith("memory.")}  # memory.offload=true
+    if memory:
+        from sfumato.pipeline import MemoryOptions
+
+        pipe.memory = MemoryOptions(**memory)
 
     def generate(steps: int):
         return pipe.generate(PROMPT, NEGATIVE, width=args.size, height=args.size, latents=noise, steps=steps,
                              sampler="euler", schedule="leading", seed=args.seed, cfg_scale=args.cfg,
-                             callback=lambda s: timer.step(), **json.loads(args.gen_kw or "{}"))
+                             callback=lambda s: timer.step(), **kw)
 
     return _timed_run(generate, timer, args, import_s=import_s, load_s=load_s)
 
@@ -191,11 +199,46 @@ def _timed_run(generate, timer, args: argparse.Namespace, *, import_s: float, lo
     for _ in range(args.warmup):
         generate(2)
     timer.reset()
-    start = timer.now()
-    image = generate(args.steps).images[0]
-    end = timer.now()
+    with RSSSampler() as rss:
+        start = timer.now()
+        image = generate(args.steps).images[0]
+        end = timer.now()
     image.save(args.image)
-    return {"import_s": import_s, "load_s": load_s, **timer.report(start, end), **_memory(args.device)}
+    return {"import_s": import_s, "load_s": load_s, **timer.report(start, end), **_memory(args.device),
+            "gen_rss_gb": rss.peak / 2**30}
+
+
+class RSSSampler:
+    """The process's largest resident set (``/proc/self/statm``) seen every 5 ms within the block: the
+    memory a generation holds, which the whole-process peak (load included) cannot show. 0 off Linux."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        try:
+            with open("/proc/self/statm") as f:
+                self.peak = max(self.peak, int(f.read().split()[1]) * resource.getpagesize())
+        except OSError:
+            pass
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.005):
+            self._sample()
+
+    def __enter__(self) -> RSSSampler:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
 
 
 def max_pixel_diff(a: Path, b: Path) -> int:

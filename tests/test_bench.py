@@ -89,25 +89,26 @@ def test_checkpoints_half(tmp_path):
 @pytest.mark.parametrize("family,layout", [("sd1", "single_file"), ("sdxl", "diffusers")])
 def test_compare_same_image_and_every_field(ckpts, tmp_path, family, layout):
     model = ckpts / (f"tiny-{family}-fp32" + (".safetensors" if layout == "single_file" else ""))
-    fast = ["--fast", "deepcache=2", "--fast", "deepcache=3,tome=0.5"] if family == "sd1" else []
+    fast = ["--fast", "deepcache=2", "--fast", "deepcache=3,tome=0.5,memory.offload=true"] if family == "sd1" else []
     out = _run("compare.py", "--model", model, "--size", 32, "--steps", 3, "--json", tmp_path / "r.json",
                "--out", tmp_path, *fast)
     for label in ("import s", "load s", "text encoding s", "s/step (median)", "VAE decode s", "end-to-end s",
-                  "peak RSS GB", "max pixel diff"):
+                  "peak RSS GB", "peak RSS generating GB", "max pixel diff"):
         assert label in out.stdout, f"no {label!r} in:\n{out.stdout}"
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["family"] == family
     for side in ("sfumato", "diffusers"):
         s = r[side]
         assert s["n_steps"] == 3 and len(s["steps_s"]) == 3 and s["image_ok"]
-        for key in ("load_s", "text_s", "step_s", "decode_s", "e2e_s", "peak_rss_gb"):
+        for key in ("load_s", "text_s", "step_s", "decode_s", "e2e_s", "peak_rss_gb", "gen_rss_gb"):
             assert s[key] > 0, f"{side} {key} = {s[key]}"
         assert s["peak_gpu_gb"] is None
         assert (tmp_path / f"{side}.png").is_file()
     assert set(r["ratio"]) >= {"load_s", "text_s", "step_s", "decode_s", "e2e_s", "peak_rss_gb"}
     assert r["max_pixel_diff"] <= 2, f"{family} {layout}: max |diff| = {r['max_pixel_diff']}/255"
     if fast:  # two fast paths: their own timings, and their images scored against sfumato's exact one
-        assert [f["options"] for f in r["fast"]] == [{"deepcache": 2}, {"deepcache": 3, "tome": 0.5}]
+        assert [f["options"] for f in r["fast"]] == [{"deepcache": 2},
+                                                     {"deepcache": 3, "tome": 0.5, "memory.offload": True}]
         assert out.stdout.count("fast path") == 2 and out.stdout.count("PSNR") == 2
         for f in r["fast"]:
             assert f["n_steps"] == 3 and f["image_ok"] and f["step_s"] > 0 and f["max_diff"] > 0 and f["psnr_db"] > 10
