@@ -275,3 +275,21 @@ def test_token_merging_generation_stays_near_the_exact_image():
     assert params_from_infotext(res.infotexts[0]).tome == 0.5
     with pytest.raises(InvalidParameterError, match="tome=0.8 is out of range"):
         pipe.generate(prompt, tome=0.8)
+
+
+@needs_int8
+def test_cli_fast_path_flags(tmp_path, capsys):
+    """--int8 and --tome reach the generation and its PNG's infotext; a bad ratio is refused without a
+    traceback and no file is written."""
+    from PIL import Image
+
+    from sfumato.cli import main
+
+    out = tmp_path / "fast.png"
+    assert main(["generate", "a blue star", "--steps", "3", "--int8", "unet+vae", "--tome", "0.25", "-o", str(out),
+                 "-q"]) == 0
+    text = Image.open(out).text["parameters"]
+    assert "Int8: unet+vae" in text and "Token merging ratio: 0.25" in text
+    assert main(["generate", "a blue star", "--tome", "0.9", "-o", str(tmp_path / "x.png"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "tome=0.9 is out of range" in err and "Traceback" not in err and not (tmp_path / "x.png").exists()
