@@ -163,9 +163,11 @@ class _Int8Mode(TorchFunctionMode):
             return None
         self.calls += 1
         packed, scale = self.weights.get(weight, (tuple(stride), tuple(padding), tuple(dilation)))
-        codes, x_scale, x_zp = _quantize(x)
-        return torch.ops.onednn.qconv2d_pointwise(codes, x_scale, x_zp, packed, scale, _zeros(scale), _bias(bias),
-                                                  stride, padding, dilation, 1, 1.0, 0, torch.float32, "none", [], "")
+        codes, x_scale, x_zp = _quantize(x.contiguous())
+        out = torch.ops.onednn.qconv2d_pointwise(codes, x_scale, x_zp, packed, scale, _zeros(scale), _bias(bias),
+                                                 stride, padding, dilation, 1, 1.0, 0, torch.float32, "none", [], "")
+        # oneDNN answers channels-last; the float layers after it (and their weights) are laid out NCHW
+        return out.contiguous()
 
 
 def _zeros(scale: torch.Tensor) -> torch.Tensor:
