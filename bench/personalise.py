@@ -9,6 +9,12 @@ image shows the novel kind, before training (the baseline, near 0) and after, an
 draws the old kinds: all-five accuracy on the quality bench's one-shape prompts, before and after (the
 change in points; DreamBooth's prior preservation should keep it within 5).
 
+Prior preservation (DreamBooth and LoRA; ``--prior``): ``renders`` gives the trainer renderings of the
+model's own training distribution (old kinds only, varied captions, no held-out combination) as class
+images (``FinetuneConfig.class_data``: kohya's regularisation images); ``drawn`` has the model draw its
+class images from one-shape prompts of the old kinds (DreamBooth's paper); ``none`` trains on the
+examples alone.
+
     python bench/personalise.py                                  # all four methods, defaults below
     python bench/personalise.py --methods lora --steps 200 --eval 40
 
@@ -26,7 +32,7 @@ import time
 from pathlib import Path
 
 import sfumato
-from sfumato.train.scenes import describe, render, sample_scene
+from sfumato.train.scenes import describe, iter_dataset, render, sample_scene
 from sfumato.train.score import analyse, score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -36,10 +42,10 @@ TOKEN = "zwx"
 # per method: steps, learning rate and the method's own settings, chosen for the 11M-parameter built-in model
 PLANS = {
     "textual-inversion": dict(steps=800, lr=3e-2, init_word="circle", vectors=4),
-    "lora": dict(steps=800, lr=1e-3, rank=8),
-    # prior preservation: class images of the old kinds, drawn by the model itself from its own kind of
-    # prompts (one shape of a known kind, any colour, size, place and background); filled in by main()
-    "dreambooth": dict(steps=600, lr=1e-4, class_images=32, prior_weight=1.0),
+    # prior: where prior preservation's class images come from (see the module docstring), how many, and
+    # the weight of their loss; turned into FinetuneConfig fields by prior_settings()
+    "lora": dict(steps=1200, lr=1e-3, rank=8, prior="renders", prior_images=256, prior_weight=1.0),
+    "dreambooth": dict(steps=1200, lr=2e-4, prior="renders", prior_images=256, prior_weight=1.0),
     "finetune": dict(steps=600, lr=1e-4, ema_decay=0.99),
 }
 
@@ -54,6 +60,23 @@ def write_examples(folder: Path, kind: str, n: int, seed: int) -> None:
         scene = sample_scene(rng, two_shapes=0.0, kinds=(kind,))
         render(scene).save(folder / f"{i:03d}.png")
         (folder / f"{i:03d}.txt").write_text(caption(scene, rng, names={kind: TOKEN}) + "\n")
+
+
+def prior_settings(source: str, n: int, weight: float, folder: Path) -> dict:
+    """FinetuneConfig's prior-preservation fields for ``n`` class images of the old kinds from ``source``."""
+    if source == "none" or not n:
+        return {}
+    if source == "renders":  # the model's training distribution: old kinds, varied captions, no held-out combo
+        folder.mkdir(parents=True, exist_ok=True)
+        from PIL import Image
+
+        for i, (image, text, _) in enumerate(iter_dataset(n, seed=7)):
+            Image.fromarray(image).save(folder / f"{i:04d}.png")
+            (folder / f"{i:04d}.txt").write_text(text + "\n")
+        return dict(class_data=str(folder), prior_weight=weight)
+    rng = random.Random(3)  # drawn: the model's own images of one-shape prompts of the old kinds
+    return dict(class_prompt=tuple(describe(sample_scene(rng, two_shapes=0.0)) for _ in range(n)), class_images=n,
+                prior_weight=weight)
 
 
 def novel_rate(pipe, kind: str, n: int, seed: int) -> float:
@@ -105,7 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--examples", type=int, default=8, help="example images (default: 8)")
     ap.add_argument("--steps", type=int, help="override every method's steps")
     ap.add_argument("--lr", type=float, help="override every method's learning rate")
-    ap.add_argument("--prior-weight", type=float, help="override DreamBooth's prior loss weight")
+    ap.add_argument("--prior", choices=("renders", "drawn", "none"), help="override the class images' source "
+                    "for DreamBooth and LoRA (default: each method's plan)")
+    ap.add_argument("--prior-images", type=int, help="override the number of class images")
+    ap.add_argument("--prior-weight", type=float, help="override the prior loss weight")
     ap.add_argument("--batch", type=int, default=4, help="batch size (default: 4)")
     ap.add_argument("--eval", type=int, default=50, help="token prompts scored per model (default: 50)")
     ap.add_argument("--old", type=int, default=60, help="old-kind prompts scored per model (default: 60)")
@@ -132,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"untrained: {args.kind} in {baseline:.0%} of {args.eval} token prompts; old kinds all-five "
           f"{base_old:.3f} ({time.perf_counter() - t0:.0f} s to score); autoencoder ceiling for {args.kind}: "
           f"{ceiling(base, args.kind, args.eval, seed=2):.0%}")
-    print(f"{'method':<18}{'steps':>6}{'train s':>9}{'final loss':>11}{args.kind + ' rate':>14}"
+    print(f"{'method':<18}{'steps':>6}{'prior':>16}{'train s':>9}{'final loss':>11}{args.kind + ' rate':>14}"
           f"{'old all-five':>14}{'change':>9}")
     for method in methods:
         plan = dict(PLANS[method])
@@ -140,11 +166,15 @@ def main(argv: list[str] | None = None) -> int:
             plan["steps"] = args.steps
         if args.lr:
             plan["lr"] = args.lr
-        if args.prior_weight is not None and method == "dreambooth":
-            plan["prior_weight"] = args.prior_weight
-        if method == "dreambooth":
-            rng = random.Random(3)
-            plan["class_prompt"] = tuple(describe(sample_scene(rng, two_shapes=0.0)) for _ in range(plan["class_images"]))
+        prior = "-"
+        if "prior" in plan:
+            for key, value in (("prior", args.prior), ("prior_images", args.prior_images),
+                               ("prior_weight", args.prior_weight)):
+                if value is not None:
+                    plan[key] = value
+            source, n, weight = plan.pop("prior"), plan.pop("prior_images"), plan.pop("prior_weight")
+            plan.update(prior_settings(source, n, weight, root / f"{method}-class"))
+            prior = f"{source} {n} x{weight:g}" if source != "none" and n else "none"
         pipe = sfumato.load()
         cfg = FinetuneConfig(method=method, batch_size=args.batch, seed=0,
                              token=TOKEN if method == "textual-inversion" else None, **plan)
@@ -157,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             pipe = sfumato.load(res.output)
         rate, old = novel_rate(pipe, args.kind, args.eval, seed=2), old_accuracy(pipe, args.old)
-        print(f"{method:<18}{res.step:>6}{res.seconds:>9.0f}{res.losses[-1]:>11.4f}{rate:>14.0%}"
+        print(f"{method:<18}{res.step:>6}{prior:>16}{res.seconds:>9.0f}{res.losses[-1]:>11.4f}{rate:>14.0%}"
               f"{old:>14.3f}{(old - base_old) * 100:>+8.1f}p", flush=True)
     print(f"(runs in {root})")
     return 0

@@ -123,6 +123,42 @@ def test_dreambooth_with_prior_preservation_and_finetune_write_models(data, tmp_
     assert sfumato.load(ft.output).spec.family == "builtin"
 
 
+def test_lora_with_prior_preservation_trains_on_its_class_images(data, tmp_path):
+    """Prior preservation for LoRA (kohya's regularisation images): the class images are the model's own
+    drawings of the class prompts and every step adds their loss, so each step's loss exceeds the same run's
+    without them."""
+    plain = finetune(sfumato.load(), data, _cfg("lora", lr=5e-3), out_dir=tmp_path / "plain", progress=False)
+    prior = finetune(sfumato.load(), data, _cfg("lora", lr=5e-3, class_prompt=("a square on white", "a ring"),
+                                                class_images=2), out_dir=tmp_path / "prior", progress=False)
+    assert sorted(p.name for p in (tmp_path / "prior" / "class_images").iterdir()) == ["0000.png", "0001.png"]
+    assert len(prior.losses) == len(plain.losses) and all(a > b for a, b in zip(prior.losses, plain.losses))
+    drawn = np.asarray(Image.open(tmp_path / "prior" / "class_images" / "0000.png").convert("RGB"))
+    want = np.asarray(sfumato.load().generate("a square on white", width=64, height=64, seed=0).images[0])
+    assert _diff(drawn, want) == 0, "a class image is the model's own drawing of its prompt"
+
+
+def test_prior_preservation_from_ones_own_class_images(data, tmp_path):
+    """class_data: a captioned folder of class images (kohya's regularisation images) takes the place of
+    drawn ones; nothing is drawn, and the class loss is added as with drawn images."""
+    folder = tmp_path / "class"
+    folder.mkdir()
+    for i in range(3):
+        a = np.full((64, 64, 3), 240, np.uint8)
+        a[20:40, 20 + i:40 + i] = (30, 30, 200)
+        Image.fromarray(a).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text("a blue square on white\n")
+    plain = finetune(sfumato.load(), data, _cfg("dreambooth", lr=1e-4), out_dir=tmp_path / "plain", progress=False)
+    prior = finetune(sfumato.load(), data, _cfg("dreambooth", lr=1e-4, class_data=str(folder)),
+                     out_dir=tmp_path / "prior", progress=False)
+    assert not (tmp_path / "prior" / "class_images").exists()
+    assert all(a > b for a, b in zip(prior.losses, plain.losses))
+    (folder / "2.txt").unlink()
+    with pytest.raises(InvalidParameterError, match="caption"):
+        finetune(sfumato.load(), data, _cfg("lora", class_data=str(folder)), out_dir=tmp_path / "bad",
+                 progress=False)
+    assert not (tmp_path / "bad").exists(), "class images are checked before anything is written"
+
+
 def test_bad_data_and_settings_fail_before_training(data, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -136,6 +172,15 @@ def test_bad_data_and_settings_fail_before_training(data, tmp_path):
     with pytest.raises(InvalidParameterError, match="textual-inversion needs token"):
         finetune(sfumato.load(), data, FinetuneConfig(method="textual-inversion", caption_template=TEMPLATE),
                  out_dir=tmp_path / "out", progress=False)
+    for method in ("textual-inversion", "finetune"):
+        with pytest.raises(InvalidParameterError, match="prior preservation.*is for dreambooth and lora"):
+            _cfg(method, class_prompt="a square", class_images=2).check()
+    with pytest.raises(InvalidParameterError, match="class_data .* and class_prompt .* give one"):
+        _cfg("dreambooth", class_prompt="a square", class_images=2, class_data=str(data)).check()
+    with pytest.raises(InvalidParameterError, match="class_data .prior preservation. is for dreambooth and lora"):
+        _cfg("finetune", class_data=str(data)).check()
+    with pytest.raises(InvalidParameterError, match="prior_weight=-1.0 must be >= 0"):
+        _cfg("lora", class_prompt="a square", class_images=2, prior_weight=-1.0).check()
     with pytest.raises(InvalidParameterError, match="method 'hypernetwork' is not one of"):
         FinetuneConfig(method="hypernetwork").check()
     with pytest.raises(InvalidParameterError, match="resolution 70 must be a multiple of 16"):
@@ -153,6 +198,7 @@ def test_cli_trains_and_refuses_bad_data(data, tmp_path, capsys):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x.png").write_text("not an image")
     assert main(["train", "lora", "--data", str(tmp_path / "bad"), "--caption", TEMPLATE, "--token", "sks",
+                 "--class-prompt", "a square", "--class-images", "2", "--prior-weight", "0.5",
                  "--out", str(tmp_path / "lora"), "--steps", "2", "-q"]) == 2
     assert "x.png" in capsys.readouterr().err and not (tmp_path / "lora").exists()
 

@@ -131,16 +131,17 @@ def _personalise(p: argparse.ArgumentParser, method: str) -> None:
         p.add_argument("--vectors", type=int, default=1, help="vectors per token (default: 1)")
     if method in ("lora", "dreambooth"):
         p.add_argument("--train-text-encoder", action="store_true", help="train the text encoder too")
+        p.add_argument("--class-prompt", action="append", help="prior preservation: the subject's class, e.g. "
+                       "'a photo of a dog' (repeatable: the class images cycle through the prompts)")
+        p.add_argument("--class-images", type=int, default=0, help="class images to generate (default: 0)")
+        p.add_argument("--class-data", help="prior preservation from your own captioned class images (a folder "
+                       "as --data; kohya's regularisation images) instead of generated ones")
+        p.add_argument("--prior-weight", type=float, default=1.0, help="prior loss weight (default: 1)")
     if method == "lora":
         p.add_argument("--rank", type=int, default=4, help="LoRA rank (default: 4)")
         p.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank)")
         p.add_argument("--conv", action="store_true", help="also the res-block convs (LoCon)")
         p.add_argument("--peft", action="store_true", help="write diffusers' PEFT layout instead of kohya's")
-    if method == "dreambooth":
-        p.add_argument("--class-prompt", action="append", help="prior preservation: the subject's class, e.g. "
-                       "'a photo of a dog' (repeatable: the class images cycle through the prompts)")
-        p.add_argument("--class-images", type=int, default=0, help="class images to generate (default: 0)")
-        p.add_argument("--prior-weight", type=float, default=1.0, help="prior loss weight (default: 1)")
     if method == "finetune":
         p.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay (default: 0.999)")
 
@@ -158,6 +159,7 @@ def _run_personalise(args: argparse.Namespace, log) -> int:  # noqa: ANN001
         rank=getattr(args, "rank", 4), alpha=getattr(args, "alpha", None), lora_conv=getattr(args, "conv", False),
         train_text_encoder=getattr(args, "train_text_encoder", False), peft_format=getattr(args, "peft", False),
         class_prompt=tuple(args.class_prompt) if getattr(args, "class_prompt", None) else None, class_images=getattr(args, "class_images", 0),
+        class_data=getattr(args, "class_data", None),
         prior_weight=getattr(args, "prior_weight", 1.0), ema_decay=getattr(args, "ema_decay", 0.999),
         checkpoint_every=args.checkpoint_every, validate_every=args.validate_every,
         validation_prompts=tuple(args.validation_prompt), mixed_precision=args.mixed_precision,
