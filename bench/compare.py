@@ -126,15 +126,12 @@ def worker_sfumato(args: argparse.Namespace) -> dict:
     import_s = time.perf_counter() - t0
     noise = torch.load(args.noise)
     t0 = time.perf_counter()
-    pipe = sfumato.load(args.model, device=args.device, dtype=_dtype(args.dtype))
-    timer = StageTimer(args.device, pipe.unet, pipe.vae)
-    load_s = timer.now() - t0
     kw = json.loads(args.gen_kw or "{}")
     memory = {k.split(".", 1)[1]: kw.pop(k) for k in list(kw) if k.startswith("memory.")}  # memory.offload=true
-    if memory:
-        from sfumato.pipeline import MemoryOptions
-
-        pipe.memory = MemoryOptions(**memory)
+    pipe = sfumato.load(args.model, device=args.device, dtype=_dtype(args.dtype),
+                        memory=sfumato.MemoryOptions(**memory))
+    timer = StageTimer(args.device, pipe.unet, pipe.vae)
+    load_s = timer.now() - t0
 
     def generate(steps: int):
         return pipe.generate(PROMPT, NEGATIVE, width=args.size, height=args.size, latents=noise, steps=steps,

@@ -94,7 +94,8 @@ def test_vae_tiling_encodes_img2img_input_in_tiles(pipe):
     (dict(vae_tile_overlap=0.9), r"vae_tile_overlap must be in \(0, 0.5\], got 0.9"),
     (dict(attention_slice=0), "attention_slice must be a positive number of tokens or None, got 0"),
     (dict(attention_slice=True), "attention_slice"),
-    (dict(offload="yes"), "offload must be True or False, got 'yes'"),
+    (dict(offload="yes"), "offload must be one of 'none', 'model', 'sequential' .or True for 'model'., got 'yes'"),
+    (dict(offload=1), "offload must be one of"),
 ])
 def test_bad_memory_options_are_refused(kwargs, match):
     with pytest.raises(InvalidParameterError, match=match):
@@ -106,6 +107,9 @@ def test_cli_memory_flags(tmp_path, capsys):
     code = main(["generate", "a blue star", "--width", "128", "--height", "128", "--steps", "3", "--vae-tiling",
                  "--vae-slicing", "--attention-slice", "64", "--offload", "-o", str(out), "-q"])
     assert code == 0 and out.is_file()
+    code = main(["generate", "a blue star", "--width", "64", "--height", "64", "--steps", "2", "--offload",
+                 "sequential", "-o", str(tmp_path / "seq.png"), "-q"])
+    assert code == 0 and (tmp_path / "seq.png").is_file()
     code = main(["generate", "a blue star", "--vae-tile", "100", "-o", str(tmp_path / "x.png"), "-q"])
     err = capsys.readouterr().err
     assert code == 2 and "vae_tile must be a multiple of 64" in err and "Traceback" not in err
@@ -135,8 +139,8 @@ def test_offload_is_exact_and_keeps_one_component_resident(mapped, monkeypatch):
     real = pages.idle_release
 
     @contextlib.contextmanager
-    def spy(components):
-        with real(components) as state:
+    def spy(components, **kw):
+        with real(components, **kw) as state:
             yield state
         switches.append(state["switches"])
 
@@ -150,6 +154,42 @@ def test_offload_is_exact_and_keeps_one_component_resident(mapped, monkeypatch):
     # hooks are gone after the run: a plain generation leaves everything resident again
     _generate(mapped, MemoryOptions())
     assert pages.resident_bytes(unet)[0] == pages.resident_bytes(unet)[1]
+
+
+def test_sequential_offload_is_exact_with_one_layer_group_resident(mapped, monkeypatch, tmp_path):
+    """offload="sequential": the same pixels, while no more than a few layer groups of the UNet are ever
+    resident at once (groups of at most 2 MB here, so the 44 MB UNet splits into dozens); loading with the
+    option maps nothing in."""
+    from sfumato.weights import pages
+
+    exact = _arrays(_generate(mapped, MemoryOptions()))
+    monkeypatch.setattr(pages, "UNIT_BYTES", 2 << 20)
+    groups = pages.units(mapped.unet)
+    assert len(groups) > 20 and all(not isinstance(g, torch.nn.ModuleList) for g in groups)
+    unet_total = pages.resident_bytes(mapped.unet)[1]
+    seen, real_release = [], pages.release
+
+    def release(module):
+        seen.append(pages.resident_bytes(mapped.unet)[0])
+        return real_release(module)
+
+    monkeypatch.setattr(pages, "release", release)
+    got = _arrays(_generate(mapped, MemoryOptions(offload="sequential")))
+    assert all(np.array_equal(a, b) for a, b in zip(got, exact))
+    assert len(seen) > 2 * len(groups), "every group released after each UNet call"
+    during = seen[len(mapped.modules()):]  # after the entry's release of every component (all resident then)
+    assert seen[0] == unet_total and 0 < max(during) < unet_total / 4, (max(during), unet_total)
+    assert pages.resident_bytes(mapped.unet)[0] == 0
+    monkeypatch.setattr(pages, "release", real_release)
+
+    path = tmp_path / "model.safetensors"
+    mapped.save(path)
+    lazy = sfumato.load(path, memory=MemoryOptions(offload="sequential"))
+    assert lazy.memory.offload == "sequential"
+    assert all(pages.resident_bytes(m)[0] == 0 < pages.resident_bytes(m)[1] for m in lazy.modules())
+    assert all(np.array_equal(a, b) for a, b in zip(_arrays(_generate(lazy, lazy.memory)), exact))
+    with pytest.raises(InvalidParameterError, match="memory must be a sfumato.MemoryOptions, got dict"):
+        sfumato.load(path, memory={"offload": "model"})
 
 
 def test_release_never_drops_a_changed_page(mapped):

@@ -236,8 +236,10 @@ def _generation_options(p: argparse.ArgumentParser) -> None:
                      "(default: the model's native size)")
     mem.add_argument("--vae-slicing", action="store_true", help="one image of a batch at a time through the VAE")
     mem.add_argument("--attention-slice", type=int, metavar="N", help="at most N query tokens per attention call")
-    mem.add_argument("--offload", action="store_true", help="idle components leave RAM: only the running one keeps "
-                     "its mapped weights (CPU; peak = the largest component)")
+    mem.add_argument("--offload", nargs="?", const="model", default="none", choices=("model", "sequential"),
+                     help="idle weights leave RAM (CPU, exact): 'model' (the default when given alone) keeps only "
+                     "the running component's mapped weights (peak = the largest component), 'sequential' only "
+                     "the running layer group's (peak = little more than the activations; slower)")
     out = p.add_mutually_exclusive_group()
     out.add_argument("-o", "--output", metavar="FILE", help="write to FILE (.png, .jpg or .webp); with "
                      "--batch N, FILE-1.png ... FILE-N.png")
@@ -615,9 +617,8 @@ def _generate(args: argparse.Namespace) -> int:
     _status(args, f"loading {args.model or 'the built-in model'}")
     t0 = time.monotonic()
     pipe = sfumato.load(args.model, device=_device(args.device), dtype=args.dtype, prediction=args.prediction,
-                        vae=args.vae)
+                        vae=args.vae, memory=memory)
     _status(args, f"loaded {pipe.spec.family} in {time.monotonic() - t0:.1f}s")
-    pipe.memory = memory
     pipe.lora_dir = Path(args.lora_dir) if args.lora_dir else None
     for path in args.embedding:
         emb = pipe.load_embedding(path)

@@ -42,6 +42,9 @@ from sfumato.text.prompt import get_prompt_schedule, split_and
 from sfumato.text.tokenizer import CLIPTokenizer
 
 
+OFFLOAD_MODES = ("none", "model", "sequential")
+
+
 @dataclass(frozen=True)
 class MemoryOptions:
     """Speed traded for memory, each off by default (the default is the fastest exact path).
@@ -55,11 +58,16 @@ class MemoryOptions:
     ``vae_slicing``: one image of a batch at a time through the autoencoder (exact up to rounding).
     ``attention_slice``: at most this many query tokens per attention call (exact up to rounding);
     None: all at once (torch's fused attention already works in blocks on the CPU).
-    ``offload``: idle components leave memory (exact): on the CPU, only the component running (text
-    encoders, UNet, autoencoder, extras) keeps its mapped weight pages; the others' are released and
-    mapped back from the page cache when they next run (``weights.pages.idle_release``), so the peak is
-    the largest component plus activations. Moving components between an accelerator and CPU memory is
-    not implemented (refused on a GPU pipeline).
+    ``offload``: idle weights leave memory (exact). ``"model"`` (or True): on the CPU, only the component
+    running (text encoders, UNet, autoencoder, extras) keeps its mapped weight pages; the others' are
+    released and mapped back from the page cache when they next run (``weights.pages.idle_release``), so
+    the peak is the largest component plus activations (diffusers' ``enable_model_cpu_offload``).
+    ``"sequential"``: the same one layer group at a time (a UNet res-block or transformer, about 64 MB),
+    so the peak is little more than the activations, paid for with the page faults of mapping every
+    weight back on every call (diffusers' ``enable_sequential_cpu_offload``). Weights count once they are
+    mapped from a ``.safetensors`` file; pass the options to ``sfumato.load(memory=...)`` so that loading
+    does not map them all in first. Moving components between an accelerator and CPU memory is not
+    implemented (refused on a GPU pipeline).
     """
 
     vae_tiling: bool = False
@@ -67,7 +75,7 @@ class MemoryOptions:
     vae_tile_overlap: float = 0.25
     vae_slicing: bool = False
     attention_slice: int | None = None
-    offload: bool = False
+    offload: str | bool = "none"  # OFFLOAD_MODES; True means "model", False "none"
 
     def __post_init__(self) -> None:
         if self.vae_tile is not None and (isinstance(self.vae_tile, bool) or not isinstance(self.vae_tile, int)
@@ -80,9 +88,14 @@ class MemoryOptions:
                                                  or self.attention_slice < 1):
             raise InvalidParameterError(f"attention_slice must be a positive number of tokens or None, "
                                         f"got {self.attention_slice!r}")
-        for name in ("vae_tiling", "vae_slicing", "offload"):
+        for name in ("vae_tiling", "vae_slicing"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidParameterError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if isinstance(self.offload, bool):
+            object.__setattr__(self, "offload", "model" if self.offload else "none")
+        if self.offload not in OFFLOAD_MODES:
+            raise InvalidParameterError(f"offload must be one of {', '.join(map(repr, OFFLOAD_MODES))} (or True "
+                                        f"for 'model'), got {self.offload!r}")
 
 
 @dataclass
@@ -789,15 +802,16 @@ def decode(pipe: Pipeline, latents: torch.Tensor, *, tile: int | None = None, in
 
 
 def _offloading(pipe: Pipeline) -> contextlib.AbstractContextManager:
-    """``MemoryOptions.offload``: one component's mapped weights resident at a time, within the block."""
-    if not pipe.memory.offload:
+    """``MemoryOptions.offload``: one component's (or one layer group's) mapped weights resident at a time,
+    within the block."""
+    if pipe.memory.offload == "none":
         return contextlib.nullcontext()
     if pipe.device.type != "cpu":
         raise InvalidParameterError(f"offload releases idle weights from RAM on the CPU; on {pipe.device.type} "
-                                    "moving components to CPU memory is not implemented (use offload=False)")
+                                    "moving components to CPU memory is not implemented (use offload='none')")
     from sfumato.weights.pages import idle_release
 
-    return idle_release(pipe.modules())
+    return idle_release(pipe.modules(), sequential=pipe.memory.offload == "sequential")
 
 
 def check_int8(pipe: Pipeline, p: GenerationParams) -> None:

@@ -30,6 +30,7 @@ EMA: LDM training checkpoints (``LitEma``) hold ``model.diffusion_model.<name>``
 from __future__ import annotations
 
 import collections
+import contextvars
 import functools
 import json
 import math
@@ -183,7 +184,8 @@ class Checkpoint:
                 from sfumato.weights.pages import register_map
 
                 register_map(self._map)
-            _populate(self._map, start, ref.numel * ref.dtype.itemsize)
+            if POPULATE.get():
+                _populate(self._map, start, ref.numel * ref.dtype.itemsize)
             return torch.frombuffer(self._map, dtype=ref.dtype, count=ref.numel, offset=start).view(ref.shape)
         if not ref.contiguous:  # only pickles have these (views of a larger storage): read the span, copy
             buf = torch.empty(ref.span * ref.dtype.itemsize, dtype=torch.uint8)
@@ -223,6 +225,9 @@ class Checkpoint:
 
 
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+; Python names it from 3.12
+# whether ``Checkpoint.get(share=True)`` maps a tensor's pages in at once (the default) or leaves them to
+# fault in on first use (a pipeline loaded for offload, which keeps most weights out of memory anyway)
+POPULATE: contextvars.ContextVar[bool] = contextvars.ContextVar("sfumato_populate_pages", default=True)
 
 
 def _populate(m: mmap.mmap, start: int, length: int) -> None:

@@ -254,6 +254,7 @@ def load(
     vae: str | os.PathLike | None = None,
     use_ema: bool = True,
     share=None,
+    memory=None,
 ):
     """Load a Stable Diffusion checkpoint into a :class:`sfumato.pipeline.Pipeline`.
 
@@ -264,8 +265,34 @@ def load(
     precision unless its diffusers config says ``force_upcast``; an overflow still falls back to fp32).
     ``use_ema``: take the EMA weights of a training checkpoint. ``share``: a loaded pipeline whose
     autoencoder and text encoders this one reuses where the weights are equal (the SDXL refiner and its
-    base share the bigG encoder and the VAE), so they are held in memory once.
+    base share the bigG encoder and the VAE), so they are held in memory once. ``memory``: the pipeline's
+    :class:`sfumato.pipeline.MemoryOptions`; with ``offload``, mapped weights are left out of memory until
+    they first run (no peak of the whole model at load).
     """
+    from sfumato.pipeline import MemoryOptions, Pipeline
+    from sfumato.weights.io import POPULATE
+
+    if memory is None:
+        memory = MemoryOptions()
+    if not isinstance(memory, MemoryOptions):
+        raise InvalidParameterError(f"memory must be a sfumato.MemoryOptions, got {type(memory).__name__}")
+    token = POPULATE.set(memory.offload == "none")
+    try:
+        pipe = _load(path, device=device, dtype=dtype, prediction=prediction, vae=vae, use_ema=use_ema)
+    finally:
+        POPULATE.reset(token)
+    pipe.memory = memory
+    if memory.offload != "none" and pipe.device.type == "cpu":
+        from sfumato.weights.pages import release
+
+        for m in pipe.modules():  # what the loader touched (a checked or converted tensor) leaves too
+            release(m)
+    if share is not None:
+        share_modules(pipe, share)
+    return pipe
+
+
+def _load(path, *, device, dtype, prediction, vae, use_ema):  # noqa: ANN001, ANN202 - load()'s own
     from sfumato.pipeline import Pipeline
 
     if path is None:
@@ -288,8 +315,6 @@ def load(
                        and bool(_read_json(vae_json).get("force_upcast", False)))
     pipe = Pipeline(spec=spec, unet=unet, vae=vae_model, text_encoders=encoders,
                     tokenizer=get_tokenizer(), source=path, ema=ema, **extras).to(device)
-    if share is not None:
-        share_modules(pipe, share)
     return pipe
 
 

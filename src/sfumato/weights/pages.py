@@ -9,8 +9,10 @@ Where the system has no pagemap or no ``madvise``, nothing is released (and noth
 
 :func:`idle_release` is the memory mode ``MemoryOptions.offload`` on the CPU: of the pipeline's components
 (text encoders, UNet, autoencoder, extras), only the one running keeps its mapped pages, so the peak
-resident memory is that of the largest component plus activations instead of the sum. Tensors that are
-not mapped (converted dtypes, LoRA-patched weights, ``.ckpt`` files) stay resident.
+resident memory is that of the largest component plus activations instead of the sum. ``sequential``:
+within the running component too, each layer group (:func:`units`) maps its pages in before it runs and
+releases them after, so only one group is resident at a time. Tensors that are not mapped (converted
+dtypes, LoRA-patched weights, ``.ckpt`` files) stay resident.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-__all__ = ["register_map", "release", "populate", "resident_bytes", "idle_release"]
+__all__ = ["register_map", "release", "release_tensors", "populate", "resident_bytes", "units", "idle_release"]
 
 _PAGE = mmap.PAGESIZE
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
@@ -82,8 +84,14 @@ def _file_pages(address: int, length: int) -> list[tuple[int, int]] | None:
 
 def release(module: nn.Module) -> int:
     """Drop the module's mapped, unchanged weight pages from this process; returns the bytes released."""
+    return release_tensors([*module.parameters(), *module.buffers()])
+
+
+def release_tensors(tensors: Iterable[torch.Tensor]) -> int:
+    """Drop these tensors' mapped, unchanged pages from this process (any tensor not mapped from a
+    checkpoint is left alone); returns the bytes released."""
     released = 0
-    for m, offset, length in _ranges([*module.parameters(), *module.buffers()]):
+    for m, offset, length in _ranges(tensors):
         base = next(b for r, b, _ in _MAPS if r() is m)
         runs = _file_pages(base + offset, length)
         if runs is None:
@@ -121,27 +129,59 @@ def resident_bytes(module: nn.Module) -> tuple[int, int]:
     return resident, total
 
 
+# sequential offload's layer group: about this many bytes of weights (SD 1.5's UNet: about 60 groups)
+UNIT_BYTES = 64 << 20
+
+
+def _bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+def units(module: nn.Module, budget: int | None = None) -> list[nn.Module]:
+    """The layer groups of ``module`` for sequential offload: the largest submodules of at most ``budget``
+    bytes of weights (a bigger leaf is a group of its own), descending into containers that are never
+    called themselves (``ModuleList``, ``ModuleDict``), so every group's forward runs through its hooks.
+    Weights a module holds directly, outside any group, stay with the component. ``budget``: default
+    :data:`UNIT_BYTES`."""
+    budget = UNIT_BYTES if budget is None else budget
+    called = not isinstance(module, (nn.ModuleList, nn.ModuleDict))
+    children = list(module.children())
+    if called and (not children or _bytes(module) <= budget):
+        return [module] if _bytes(module) else []
+    return [u for c in children for u in units(c, budget)]
+
+
 @contextlib.contextmanager
-def idle_release(components: Iterable[nn.Module]) -> Iterator[dict]:
+def idle_release(components: Iterable[nn.Module], *, sequential: bool = False) -> Iterator[dict]:
     """Within the block, calling into one of ``components`` (its forward or any direct child's) releases
     the mapped pages of the one that ran before and maps its own back: one component resident at a time.
-    Yields a record of the switches (for tests)."""
+    ``sequential``: the component's pages are not mapped back at once; each of its :func:`units` maps its
+    own in before its forward and releases them after. Yields a record of the switches (for tests)."""
     components = [c for c in components if c is not None]
-    state: dict = {"active": None, "switches": []}
+    state: dict = {"active": None, "switches": [], "units": 0}
 
     def enter(component: nn.Module) -> None:
         if state["active"] is component:
             return
         if state["active"] is not None:
             release(state["active"])
-        populate(component)
+        if not sequential:
+            populate(component)
         state["active"] = component
         state["switches"].append(type(component).__name__)
+
+    def unit_done(unit: nn.Module) -> None:
+        release(unit)
+        state["units"] += 1
 
     hooks = []
     for c in components:
         for m in (c, *c.children()):
             hooks.append(m.register_forward_pre_hook(lambda _m, _a, c=c: enter(c)))
+        if sequential:
+            for u in units(c):
+                hooks.append(u.register_forward_pre_hook(lambda u, _a: populate(u)))
+                hooks.append(u.register_forward_hook(lambda u, _a, _o: unit_done(u)))
     for c in components:
         release(c)  # each comes back when it first runs
     try:
