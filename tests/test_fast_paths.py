@@ -175,6 +175,31 @@ def test_int8_generation_stays_near_the_exact_image():
     assert "Int8" not in again.infotexts[0]
 
 
+def test_int8_gives_back_the_pages_of_the_float_weights_it_packed(tmp_path):
+    """A model whose weights are mapped from a float32 file: after an int8 generation the UNet's packed
+    float weights are no longer resident, the image equals the int8 image of the same weights held in
+    memory, and the exact path afterwards maps them back and is still exact."""
+    from sfumato.weights import pages
+
+    path = tmp_path / "model.safetensors"
+    held = sfumato.load()
+    held.save(path)
+    mapped = sfumato.load(path)
+    prompt, kw = "a small blue square at the top", dict(seed=5, steps=6)
+    exact = np.asarray(mapped.generate(prompt, **kw).images[0])
+    resident, total = pages.resident_bytes(mapped.unet)
+    assert resident == total > 0
+    fast = np.asarray(mapped.generate(prompt, int8="unet", **kw).images[0])
+    assert np.array_equal(fast, np.asarray(held.generate(prompt, int8="unet", **kw).images[0]))
+    weights = [e.ref() for e in mapped._int8_weights.packed.values()]
+    packed = sum(w.numel() * w.element_size() for w in weights)
+    left = pages.resident_bytes(mapped.unet)[0]
+    # every packed weight's whole pages left (a page it shares with a neighbour at either end may stay)
+    assert packed > total / 3 and left <= total - packed + 2 * len(weights) * 4096, (left, total, packed)
+    assert np.array_equal(np.asarray(mapped.generate(prompt, **kw).images[0]), exact)
+    assert pages.resident_bytes(mapped.unet)[0] == total
+
+
 def test_int8_is_refused_where_it_cannot_run():
     pipe = sfumato.load()
     with pytest.raises(InvalidParameterError, match="int8 'fast' is not one of none, unet, unet\\+vae"):

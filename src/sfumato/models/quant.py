@@ -5,7 +5,9 @@ to gain runs as an int8 product on oneDNN's kernels (``torch.ops.onednn.qlinear_
 ``qconv2d_pointwise``, the ones torch's own x86 int8 inference uses): the weight quantised once per output
 channel (symmetric, 7 bits, kept in a per-pipeline :class:`Int8Weights` cache), the activation quantised
 per call per tensor (asymmetric, 8 bits, from its min and max), accumulated in int32 and written back as
-float32; no sum saturates (see ``WEIGHT_MAX``). No module is replaced: the same weights serve the exact
+float32; no sum saturates (see ``WEIGHT_MAX``). Once packed, a float weight mapped from its checkpoint
+gives its pages back (``weights.pages.release_tensors``), so int8 holds about a quarter of the float
+layers' memory instead of adding to it. No module is replaced: the same weights serve the exact
 path, a LoRA loaded or unloaded later gets its weights packed again (the cache is keyed by the weight
 tensor and its version), and the mode covers whatever runs inside it (the UNet and ControlNets in the
 spine; the autoencoder's decode when asked).
@@ -78,6 +80,11 @@ class Int8Weights:
         params = _pack(weight, conv)
         self.packed[key] = _Packed(weakref.ref(weight, lambda _r, k=key, d=self.packed: d.pop(k, None)), version,
                                    params)
+        # the float weight is not read while its packed copy serves: its pages mapped from the checkpoint
+        # leave RAM (they come back from the page cache if the exact path runs again)
+        from sfumato.weights.pages import release_tensors
+
+        release_tensors([weight])
         return params
 
 
