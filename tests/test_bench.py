@@ -129,6 +129,21 @@ def test_memory_modes_bench(ckpts, tmp_path):
     assert r["psnr_db"]["sfumato"] > 10 and "RSS ratio" in out.stdout
 
 
+def test_train_memory_bench(ckpts, tmp_path):
+    """bench/train_memory.py on the tiny SD 1.x folder: LoRA and DreamBooth steps run on both sides (with
+    gradient checkpointing too) and report peak RSS, seconds and a finite loss; a single file is refused."""
+    out = _run("train_memory.py", "--model", ckpts / "tiny-sd1-fp32", "--size", 64, "--steps", 2,
+               "--checkpointing", "--json", tmp_path / "t.json")
+    r = json.loads((tmp_path / "t.json").read_text())
+    assert set(r["results"]) == {"lora", "dreambooth"} and r["checkpointing"], out.stdout
+    for sides in r["results"].values():
+        for v in sides.values():
+            assert v["peak_rss_gb"] > 0 and v["seconds"] > 0 and np.isfinite(v["loss"])
+    assert "peak GB" in out.stdout and "s/step" in out.stdout
+    bad = _run("train_memory.py", "--model", ckpts / "tiny-sd1-fp32.safetensors", ok=False)
+    assert bad.returncode == 2 and "must be a diffusers folder" in bad.stderr
+
+
 def test_roofline_counts_attention(tmp_path):
     _run("roofline.py", "--tiny", "--preset", "sd1", "--size", 32, "--json", tmp_path / "r.json")
     r = json.loads((tmp_path / "r.json").read_text())
