@@ -144,6 +144,20 @@ def test_train_memory_bench(ckpts, tmp_path):
     assert bad.returncode == 2 and "must be a diffusers folder" in bad.stderr
 
 
+def test_suite_runs_its_steps_and_logs_them(tmp_path):
+    """bench/suite.py on tiny weights: the chosen steps run in order, each command and its output in the
+    log with the commit; an unknown step name is refused."""
+    log = tmp_path / "suite.txt"
+    _run("suite.py", "--tiny", "--out", tmp_path / "w", "--size", 64, "--only", "weights,compare folder,roofline",
+         "--log", log)
+    text = log.read_text()
+    assert text.startswith("# sfumato bench suite") and "commit" in text and "FAILED" not in text
+    assert text.index("## weights") < text.index("## compare folder") < text.index("## roofline")
+    assert "max pixel diff" in text and "of peak" in text and "## memory" not in text
+    bad = _run("suite.py", "--only", "everything", ok=False)
+    assert bad.returncode == 2 and "unknown steps ['everything']" in bad.stderr
+
+
 def test_roofline_counts_attention(tmp_path):
     _run("roofline.py", "--tiny", "--preset", "sd1", "--size", 32, "--json", tmp_path / "r.json")
     r = json.loads((tmp_path / "r.json").read_text())
