@@ -131,6 +131,7 @@ class Pipeline:
     noise_augmentor: torch.nn.Module | None = None
     depth_model: torch.nn.Module | None = None
     _hash: str | None = field(default=None, repr=False)
+    _hash_job: tuple | None = field(default=None, repr=False, compare=False)  # (thread, result box)
 
     def modules(self) -> list[torch.nn.Module]:
         extras = [m for m in (self.image_encoder, self.noise_augmentor, self.depth_model) if m is not None]
@@ -149,12 +150,42 @@ class Pipeline:
         return self.source.stem if self.source is not None else self.spec.family
 
     def model_hash(self) -> str | None:
-        """First 10 hex digits of the checkpoint file's SHA-256 (AUTOMATIC1111's "Model hash")."""
+        """First 10 hex digits of the checkpoint file's SHA-256 (AUTOMATIC1111's "Model hash"); waits for
+        the hash :meth:`start_model_hash` began, if any."""
+        job = self._hash_job
+        if self._hash is None and job is not None:
+            job[0].join()
+            if "error" in job[1]:
+                self._hash_job = None
+                raise job[1]["error"]
+            self._hash = job[1]["hash"]
         if self._hash is None and self.source is not None and self.source.is_file():
             from sfumato.hashes import sha256_file
 
             self._hash = sha256_file(self.source)[:10]
         return self._hash
+
+    def start_model_hash(self) -> None:
+        """Begin hashing the checkpoint file in a background thread (the first generation with a new file
+        then does not wait seconds for it at the end: hashlib reads and hashes without holding the GIL)."""
+        if self._hash is not None or self._hash_job is not None or self.source is None or not self.source.is_file():
+            return
+        import threading
+
+        from sfumato.hashes import sha256_file
+
+        box: dict = {}
+        source = self.source
+
+        def work() -> None:
+            try:
+                box["hash"] = sha256_file(source)[:10]
+            except Exception as e:  # noqa: BLE001 - handed to whoever asks for the hash
+                box["error"] = e
+
+        thread = threading.Thread(target=work, name="sfumato-model-hash", daemon=True)
+        self._hash_job = (thread, box)
+        thread.start()
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Pipeline:
         for m in self.modules():
@@ -900,6 +931,7 @@ def run(pipe: Pipeline, p: GenerationParams, *, image: Image.Image | None = None
 
     spec, info = pipe.spec, SAMPLERS[p.sampler]
     check_int8(pipe, p)
+    pipe.start_model_hash()  # the infotext needs it at the end; meanwhile it hashes beside the sampling
     seed = _seed(p)
     p = p.replace(seed=seed)
     if p.subseed_strength > 0 and (p.subseed is None or p.subseed < 0):
