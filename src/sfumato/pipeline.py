@@ -832,9 +832,9 @@ def decode(pipe: Pipeline, latents: torch.Tensor, *, tile: int | None = None, in
     return imageops.tensor_to_images(pixels)
 
 
-def _offloading(pipe: Pipeline) -> contextlib.AbstractContextManager:
+def _offloading(pipe: Pipeline, int8: str = "none") -> contextlib.AbstractContextManager:
     """``MemoryOptions.offload``: one component's (or one layer group's) mapped weights resident at a time,
-    within the block."""
+    within the block. With ``int8`` on, float weights that have packed copies are not mapped in ahead."""
     if pipe.memory.offload == "none":
         return contextlib.nullcontext()
     if pipe.device.type != "cpu":
@@ -842,7 +842,9 @@ def _offloading(pipe: Pipeline) -> contextlib.AbstractContextManager:
                                     "moving components to CPU memory is not implemented (use offload='none')")
     from sfumato.weights.pages import idle_release
 
-    return idle_release(pipe.modules(), sequential=pipe.memory.offload == "sequential")
+    packed = getattr(pipe, "_int8_weights", None)
+    skip = packed.holds if int8 != "none" and packed is not None and len(packed) else None
+    return idle_release(pipe.modules(), sequential=pipe.memory.offload == "sequential", skip=skip)
 
 
 def check_int8(pipe: Pipeline, p: GenerationParams) -> None:
@@ -943,7 +945,7 @@ def run(pipe: Pipeline, p: GenerationParams, *, image: Image.Image | None = None
     shape = (b, spec.unet.out_channels, p.height // f, p.width // f)
 
     text_p = _prompt_loras(pipe, p)
-    with torch.inference_mode(), ops.attention_slicing(pipe.memory.attention_slice), _offloading(pipe):
+    with torch.inference_mode(), ops.attention_slicing(pipe.memory.attention_slice), _offloading(pipe, p.int8):
         conds = conditioning(pipe, text_p)
         discrete = discrete_schedule(spec.schedule)
         sigmas = get_sigmas(p.schedule, p.steps, discrete, sampler=info, ays_timesteps=spec.ays_timesteps).float()

@@ -66,9 +66,16 @@ class Int8Weights:
     """Packed int8 weights, one entry per float weight tensor, alive as long as that tensor is."""
 
     packed: dict[tuple, _Packed] = field(default_factory=dict)
+    _keys: dict[int, set] = field(default_factory=dict)  # id(weight) -> its keys in ``packed``
 
     def __len__(self) -> int:
         return len(self.packed)
+
+    def holds(self, weight: torch.Tensor) -> bool:
+        """Whether ``weight`` (as it is now) has a packed copy: int8 reads the float weight then only for calls
+        too small to gain (fewer than ``MIN_ROWS`` rows), which fault its pages in as they need them."""
+        entries = (self.packed.get(key) for key in self._keys.get(id(weight), ()))
+        return any(e is not None and e.ref() is weight and e.version == _version(weight) for e in entries)
 
     def get(self, weight: torch.Tensor, conv: tuple | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(packed weight, per-channel scales) of a linear (``conv`` None) or conv (stride, padding, dilation)."""
@@ -80,6 +87,7 @@ class Int8Weights:
         params = _pack(weight, conv)
         self.packed[key] = _Packed(weakref.ref(weight, lambda _r, k=key, d=self.packed: d.pop(k, None)), version,
                                    params)
+        self._keys.setdefault(id(weight), set()).add(key)
         # the float weight is not read while its packed copy serves: its pages mapped from the checkpoint
         # leave RAM (they come back from the page cache if the exact path runs again)
         from sfumato.weights.pages import release_tensors

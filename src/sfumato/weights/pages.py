@@ -21,7 +21,7 @@ import contextlib
 import ctypes
 import mmap
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -105,9 +105,11 @@ def release_tensors(tensors: Iterable[torch.Tensor]) -> int:
     return released
 
 
-def populate(module: nn.Module) -> None:
-    """Map the module's weight pages back in one call per tensor (instead of a fault per page)."""
-    for m, offset, length in _ranges([*module.parameters(), *module.buffers()]):
+def populate(module: nn.Module, skip: Callable[[torch.Tensor], bool] | None = None) -> None:
+    """Map the module's weight pages back in one call per tensor (instead of a fault per page); not those of
+    tensors ``skip`` names (weights the running path does not read)."""
+    tensors = [*module.parameters(), *module.buffers()]
+    for m, offset, length in _ranges([t for t in tensors if skip is None or not skip(t)]):
         try:
             m.madvise(_MADV_POPULATE_READ, offset, length)
         except (OSError, ValueError, AttributeError):
@@ -152,11 +154,14 @@ def units(module: nn.Module, budget: int | None = None) -> list[nn.Module]:
 
 
 @contextlib.contextmanager
-def idle_release(components: Iterable[nn.Module], *, sequential: bool = False) -> Iterator[dict]:
+def idle_release(components: Iterable[nn.Module], *, sequential: bool = False,
+                 skip: Callable[[torch.Tensor], bool] | None = None) -> Iterator[dict]:
     """Within the block, calling into one of ``components`` (its forward or any direct child's) releases
     the mapped pages of the one that ran before and maps its own back: one component resident at a time.
     ``sequential``: the component's pages are not mapped back at once; each of its :func:`units` maps its
-    own in before its forward and releases them after. Yields a record of the switches (for tests)."""
+    own in before its forward and releases them after. ``skip``: tensors not mapped in ahead (float weights
+    int8 has packed; any that a call does read fault in as usual). Yields a record of the switches (for
+    tests)."""
     components = [c for c in components if c is not None]
     state: dict = {"active": None, "switches": [], "units": 0}
 
@@ -166,7 +171,7 @@ def idle_release(components: Iterable[nn.Module], *, sequential: bool = False) -
         if state["active"] is not None:
             release(state["active"])
         if not sequential:
-            populate(component)
+            populate(component, skip)
         state["active"] = component
         state["switches"].append(type(component).__name__)
 
@@ -180,7 +185,7 @@ def idle_release(components: Iterable[nn.Module], *, sequential: bool = False) -
             hooks.append(m.register_forward_pre_hook(lambda _m, _a, c=c: enter(c)))
         if sequential:
             for u in units(c):
-                hooks.append(u.register_forward_pre_hook(lambda u, _a: populate(u)))
+                hooks.append(u.register_forward_pre_hook(lambda u, _a: populate(u, skip)))
                 hooks.append(u.register_forward_hook(lambda u, _a, _o: unit_done(u)))
     for c in components:
         release(c)  # each comes back when it first runs
