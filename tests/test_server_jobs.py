@@ -275,6 +275,25 @@ def test_model_cache_evicts_the_least_recently_used(tiny_models):
     assert cache.loaded() == [str(b.path)]
 
 
+def test_model_cache_loads_with_the_servers_memory_options(tiny_models):
+    """serve --offload: every model the cache loads carries the offload mode; GPU devices refuse it."""
+    from sfumato.pipeline import MemoryOptions
+    from sfumato.server.app import ServerConfig, ServerConfigError
+    from sfumato.server.models import ModelCache, Registry
+
+    reg = Registry(tiny_models / "sd1", tiny_models)
+    cache = ModelCache("cpu", None, budget=0, memory=MemoryOptions(offload="sequential"))
+    pipe = cache.get(reg.find("sd1"))
+    assert pipe.memory.offload == "sequential"
+    assert pipe.generate("a red circle", steps=2, width=64, height=64, seed=1).images[0].size == (64, 64)
+    ServerConfig(offload="sequential").check()
+    with pytest.raises(ServerConfigError, match="--offload model releases idle weights from RAM on the CPU; "
+                                                "the devices are cuda:0"):
+        ServerConfig(offload="model", devices=("cuda:0",)).check()
+    with pytest.raises(ServerConfigError, match="--offload 'all' is not one of none, model, sequential"):
+        ServerConfig(offload="all").check()
+
+
 def test_switching_checkpoints_frees_the_evicted_model(tiny_models):
     """Switching back and forth within a one-model budget keeps one pipeline alive: every evicted one is
     garbage (no reference kept by the cache, the registry or a worker), so memory does not grow."""

@@ -433,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--upscaler-steps", type=int, default=20, help="steps of an SD x4 upscaler model used as an "
                     "upscaler (extras, hires fix; default: 20)")
     sv.add_argument("--upscaler-noise-level", type=int, default=20, help="its noise level, 0..350 (default: 20)")
+    sv.add_argument("--offload", nargs="?", const="model", default="none", choices=("model", "sequential"),
+                    help="CPU: idle weights of every loaded model leave RAM ('model': all but the running "
+                    "component's, 'sequential': all but the running layer group's; exact, see generate --offload)")
 
     from sfumato.train.command import add_arguments as add_train_arguments
 
@@ -755,7 +758,7 @@ def _serve(args: argparse.Namespace) -> int:
         devices=tuple(_device(d) for d in (args.device or ["auto"])), dtype=args.dtype,
         model_memory=int(args.model_memory * 2**30), max_body=int(args.max_body_mb * 2**20),
         limits=Limits(max_image_pixels=args.max_image_pixels, max_output_pixels=args.max_output_pixels),
-        upscaler_steps=args.upscaler_steps, upscaler_noise_level=args.upscaler_noise_level)
+        upscaler_steps=args.upscaler_steps, upscaler_noise_level=args.upscaler_noise_level, offload=args.offload)
     if config.model is not None and not config.model.exists():
         raise CheckpointError(f"{config.model}: no such file or folder")
     for flag, folder in (("--models-dir", config.models_dir), ("--lora-dir", config.lora_dir),

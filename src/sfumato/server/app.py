@@ -29,6 +29,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 
 from sfumato.errors import InvalidParameterError, SfumatoError
+from sfumato.pipeline import OFFLOAD_MODES, MemoryOptions
 from sfumato.server import a1111, extras, zoo
 from sfumato.server.a1111 import Limits, RequestError, UpscalerOptions
 from sfumato.server.jobs import TERMINAL, Job, JobStore, Scheduler, error_status
@@ -63,6 +64,7 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     upscaler_steps: int = 20  # an SD x4 upscaler model used as an upscaler (extras, hires fix)
     upscaler_noise_level: int = 20
+    offload: str = "none"  # MemoryOptions.offload of every model loaded (CPU devices only)
 
     @property
     def auth_required(self) -> bool:
@@ -74,6 +76,11 @@ class ServerConfig:
         if not 0 <= self.upscaler_noise_level <= 350:
             raise ServerConfigError(f"--upscaler-noise-level {self.upscaler_noise_level} is out of range: "
                                     "allowed 0..350")
+        if self.offload not in OFFLOAD_MODES:
+            raise ServerConfigError(f"--offload {self.offload!r} is not one of {', '.join(OFFLOAD_MODES)}")
+        if self.offload != "none" and any(not str(d).startswith("cpu") for d in self.devices):
+            raise ServerConfigError(f"--offload {self.offload} releases idle weights from RAM on the CPU; the "
+                                    f"devices are {', '.join(map(str, self.devices))}")
         if self.host not in ("127.0.0.1", "localhost", "::1") and not self.auth_required:
             raise ServerConfigError(f"refusing to listen on {self.host} without authentication: give --api-key "
                                     "KEY or --api-auth USER:PASSWORD")
@@ -219,7 +226,8 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     scheduler = Scheduler(store, registry, outputs, devices=list(config.devices), dtype=config.dtype,
                           model_budget=config.model_memory, parse=parse,
-                          addons=AddonDirs(config.lora_dir, config.embeddings_dir, config.controlnet_dir))
+                          addons=AddonDirs(config.lora_dir, config.embeddings_dir, config.controlnet_dir),
+                          memory=MemoryOptions(offload=config.offload))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -186,13 +186,13 @@ class Scheduler:
 
     def __init__(self, store: JobStore, registry: Registry, outputs: Path, *, devices: list[str],
                  dtype: str | None, model_budget: int, parse: Callable[[str, dict], Task],
-                 addons: AddonDirs | None = None) -> None:
+                 addons: AddonDirs | None = None, memory=None) -> None:  # noqa: ANN001 - MemoryOptions
         self.store, self.registry, self.outputs = store, registry, outputs
         self._parse = parse
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self.active: dict[str, Job] = {}  # queued and running jobs
-        self.caches = [ModelCache(d, dtype, model_budget, addons) for d in devices]
+        self.caches = [ModelCache(d, dtype, model_budget, addons, memory) for d in devices]
         self._threads = [threading.Thread(target=self._work, args=(c,), name=f"sfumato-worker-{c.device}",
                                           daemon=True) for c in self.caches]
         self._stopping = False

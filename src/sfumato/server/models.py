@@ -220,8 +220,9 @@ def modules_bytes(modules) -> int:
 class ModelCache:
     """Loaded pipelines of one device, least recently used first, within ``budget`` bytes."""
 
-    def __init__(self, device: str, dtype: str | None, budget: int, addons: AddonDirs | None = None) -> None:
-        self.device, self.dtype, self.budget = device, dtype, budget
+    def __init__(self, device: str, dtype: str | None, budget: int, addons: AddonDirs | None = None,
+                 memory=None) -> None:  # noqa: ANN001 - a sfumato.MemoryOptions for every pipeline it loads
+        self.device, self.dtype, self.budget, self.memory = device, dtype, budget, memory
         self.addons = addons or AddonDirs()
         self._models: OrderedDict[tuple[str, ...], tuple[object, int]] = OrderedDict()
         self._embeddings: dict[int, tuple] = {}  # id(pipe) -> the embeddings folder's signature loaded
@@ -243,7 +244,7 @@ class ModelCache:
             return pipe
         share = self.get(share_with) if share_with is not None else None
         log.info("loading %s on %s", ckpt.path, self.device)
-        pipe = sfumato.load(ckpt.path, device=self.device, dtype=self.dtype, share=share)
+        pipe = sfumato.load(ckpt.path, device=self.device, dtype=self.dtype, share=share, memory=self.memory)
         pipe.lora_dir = self.addons.lora  # <lora:name:w> prompt tags
         self._sync_embeddings(pipe)
         self._models[key] = (pipe, pipeline_bytes(pipe))
