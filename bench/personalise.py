@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"untrained: {args.kind} in {baseline:.0%} of {args.eval} token prompts; old kinds all-five "
           f"{base_old:.3f} ({time.perf_counter() - t0:.0f} s to score); autoencoder ceiling for {args.kind}: "
           f"{ceiling(base, args.kind, args.eval, seed=2):.0%}")
-    print(f"{'method':<18}{'steps':>6}{'prior':>16}{'train s':>9}{'final loss':>11}{args.kind + ' rate':>14}"
+    print(f"{'method':<18}{'steps':>6}{'prior':>18}{'train s':>9}{'final loss':>11}{args.kind + ' rate':>14}"
           f"{'old all-five':>14}{'change':>9}")
     for method in methods:
         plan = dict(PLANS[method])
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             pipe = sfumato.load(res.output)
         rate, old = novel_rate(pipe, args.kind, args.eval, seed=2), old_accuracy(pipe, args.old)
-        print(f"{method:<18}{res.step:>6}{prior:>16}{res.seconds:>9.0f}{res.losses[-1]:>11.4f}{rate:>14.0%}"
+        print(f"{method:<18}{res.step:>6}{prior:>18}{res.seconds:>9.0f}{res.losses[-1]:>11.4f}{rate:>14.0%}"
               f"{old:>14.3f}{(old - base_old) * 100:>+8.1f}p", flush=True)
     print(f"(runs in {root})")
     return 0
