@@ -63,6 +63,7 @@ def sfumato_worker(args: argparse.Namespace) -> dict:
 
 
 def diffusers_worker(args: argparse.Namespace) -> dict:
+    import numpy as np
     import torch
     import torch.nn.functional as F
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -84,7 +85,7 @@ def diffusers_worker(args: argparse.Namespace) -> dict:
         context = text(ids)[0]
         lats = []
         for p in sorted(args.data.glob("*.png")):
-            x = torch.from_numpy(__import__("numpy").asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1)
+            x = torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1)
             x = (x.float() / 127.5 - 1)[None]
             lats.append(vae.encode(x).latent_dist.sample() * vae.config.scaling_factor)
     if args.method == "lora":

@@ -227,6 +227,11 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                    "fp16 on GPUs)")
 
 
+def _offload_flag(p, help: str) -> None:  # noqa: ANN001, A002 - a parser or argument group; argparse's name
+    """``--offload [model|sequential]`` (``MemoryOptions.offload``; given alone: "model")."""
+    p.add_argument("--offload", nargs="?", const="model", default="none", choices=("model", "sequential"), help=help)
+
+
 def _generation_options(p: argparse.ArgumentParser) -> None:
     _model_options(p)
     mem = p.add_argument_group("memory (each off by default: slower or approximate, for big images and small machines)")
@@ -236,10 +241,9 @@ def _generation_options(p: argparse.ArgumentParser) -> None:
                      "(default: the model's native size)")
     mem.add_argument("--vae-slicing", action="store_true", help="one image of a batch at a time through the VAE")
     mem.add_argument("--attention-slice", type=int, metavar="N", help="at most N query tokens per attention call")
-    mem.add_argument("--offload", nargs="?", const="model", default="none", choices=("model", "sequential"),
-                     help="idle weights leave RAM (CPU, exact): 'model' (the default when given alone) keeps only "
-                     "the running component's mapped weights (peak = the largest component), 'sequential' only "
-                     "the running layer group's (peak = little more than the activations; slower)")
+    _offload_flag(mem, "idle weights leave RAM (CPU, exact): 'model' (the default when given alone) keeps only "
+                  "the running component's mapped weights (peak = the largest component), 'sequential' only "
+                  "the running layer group's (peak = little more than the activations; slower)")
     out = p.add_mutually_exclusive_group()
     out.add_argument("-o", "--output", metavar="FILE", help="write to FILE (.png, .jpg or .webp); with "
                      "--batch N, FILE-1.png ... FILE-N.png")
@@ -433,9 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--upscaler-steps", type=int, default=20, help="steps of an SD x4 upscaler model used as an "
                     "upscaler (extras, hires fix; default: 20)")
     sv.add_argument("--upscaler-noise-level", type=int, default=20, help="its noise level, 0..350 (default: 20)")
-    sv.add_argument("--offload", nargs="?", const="model", default="none", choices=("model", "sequential"),
-                    help="CPU: idle weights of every loaded model leave RAM ('model': all but the running "
-                    "component's, 'sequential': all but the running layer group's; exact, see generate --offload)")
+    _offload_flag(sv, "CPU: idle weights of every loaded model leave RAM ('model': all but the running "
+                  "component's, 'sequential': all but the running layer group's; exact, see generate --offload)")
 
     from sfumato.train.command import add_arguments as add_train_arguments
 

@@ -22,6 +22,7 @@ import math
 import os
 import secrets
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,7 +132,7 @@ class Pipeline:
     noise_augmentor: torch.nn.Module | None = None
     depth_model: torch.nn.Module | None = None
     _hash: str | None = field(default=None, repr=False)
-    _hash_job: tuple | None = field(default=None, repr=False, compare=False)  # (thread, result box)
+    _hash_job: Future | None = field(default=None, repr=False, compare=False)  # start_model_hash's
 
     def modules(self) -> list[torch.nn.Module]:
         extras = [m for m in (self.image_encoder, self.noise_augmentor, self.depth_model) if m is not None]
@@ -154,11 +155,8 @@ class Pipeline:
         the hash :meth:`start_model_hash` began, if any."""
         job = self._hash_job
         if self._hash is None and job is not None:
-            job[0].join()
-            if "error" in job[1]:
-                self._hash_job = None
-                raise job[1]["error"]
-            self._hash = job[1]["hash"]
+            self._hash_job = None  # a failed hash is raised once; the next call hashes again
+            self._hash = job.result()
         if self._hash is None and self.source is not None and self.source.is_file():
             from sfumato.hashes import sha256_file
 
@@ -174,18 +172,17 @@ class Pipeline:
 
         from sfumato.hashes import sha256_file
 
-        box: dict = {}
+        job: Future = Future()
         source = self.source
 
         def work() -> None:
             try:
-                box["hash"] = sha256_file(source)[:10]
+                job.set_result(sha256_file(source)[:10])
             except Exception as e:  # noqa: BLE001 - handed to whoever asks for the hash
-                box["error"] = e
+                job.set_exception(e)
 
-        thread = threading.Thread(target=work, name="sfumato-model-hash", daemon=True)
-        self._hash_job = (thread, box)
-        thread.start()
+        self._hash_job = job
+        threading.Thread(target=work, name="sfumato-model-hash", daemon=True).start()
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Pipeline:
         for m in self.modules():

@@ -269,7 +269,7 @@ def load(
     :class:`sfumato.pipeline.MemoryOptions`; with ``offload``, mapped weights are left out of memory until
     they first run (no peak of the whole model at load).
     """
-    from sfumato.pipeline import MemoryOptions, Pipeline
+    from sfumato.pipeline import MemoryOptions
     from sfumato.weights.io import POPULATE
 
     if memory is None:

@@ -148,8 +148,9 @@ def units(module: nn.Module, budget: int | None = None) -> list[nn.Module]:
     budget = UNIT_BYTES if budget is None else budget
     called = not isinstance(module, (nn.ModuleList, nn.ModuleDict))
     children = list(module.children())
-    if called and (not children or _bytes(module) <= budget):
-        return [module] if _bytes(module) else []
+    size = _bytes(module)
+    if called and (not children or size <= budget):
+        return [module] if size else []
     return [u for c in children for u in units(c, budget)]
 
 
@@ -163,7 +164,7 @@ def idle_release(components: Iterable[nn.Module], *, sequential: bool = False,
     int8 has packed; any that a call does read fault in as usual). Yields a record of the switches (for
     tests)."""
     components = [c for c in components if c is not None]
-    state: dict = {"active": None, "switches": [], "units": 0}
+    state: dict = {"active": None, "switches": []}
 
     def enter(component: nn.Module) -> None:
         if state["active"] is component:
@@ -175,9 +176,8 @@ def idle_release(components: Iterable[nn.Module], *, sequential: bool = False,
         state["active"] = component
         state["switches"].append(type(component).__name__)
 
-    def unit_done(unit: nn.Module) -> None:
+    def unit_done(unit: nn.Module, _args, _out) -> None:  # noqa: ANN001 - a forward hook; None keeps the output
         release(unit)
-        state["units"] += 1
 
     hooks = []
     for c in components:
@@ -186,7 +186,7 @@ def idle_release(components: Iterable[nn.Module], *, sequential: bool = False,
         if sequential:
             for u in units(c):
                 hooks.append(u.register_forward_pre_hook(lambda u, _a: populate(u, skip)))
-                hooks.append(u.register_forward_hook(lambda u, _a, _o: unit_done(u)))
+                hooks.append(u.register_forward_hook(unit_done))
     for c in components:
         release(c)  # each comes back when it first runs
     try:
