@@ -50,16 +50,23 @@ PLANS = {
 }
 
 
-def write_examples(folder: Path, kind: str, n: int, seed: int) -> None:
-    """``n`` one-shape renderings of ``kind``, captioned with the token in the kind's place."""
+def write_examples(folder: Path, kind: str, n: int, seed: int, balanced: bool = True) -> list:
+    """``n`` one-shape renderings of ``kind``, captioned with the token in the kind's place; ``balanced``:
+    small and large alternate (as a user picks examples that show the subject at each size) instead of each
+    drawn at random."""
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)
-    from sfumato.train.scenes import caption
+    from sfumato.train.scenes import SIZES, caption
 
+    scenes = []
     for i in range(n):
         scene = sample_scene(rng, two_shapes=0.0, kinds=(kind,))
+        while balanced and scene.shapes[0].size != SIZES[i % len(SIZES)]:
+            scene = sample_scene(rng, two_shapes=0.0, kinds=(kind,))
         render(scene).save(folder / f"{i:03d}.png")
         (folder / f"{i:03d}.txt").write_text(caption(scene, rng, names={kind: TOKEN}) + "\n")
+        scenes.append(scene)
+    return scenes
 
 
 def prior_settings(source: str, n: int, weight: float, folder: Path) -> dict:
@@ -120,6 +127,36 @@ def old_accuracy(pipe, n: int) -> float:
     return right / len(scenes)
 
 
+def parse_overrides(ap: argparse.ArgumentParser, items: list[str]) -> dict:
+    """``--set FIELD=VALUE`` items as FinetuneConfig fields, each value parsed as its field's type."""
+    import dataclasses
+
+    from sfumato.train.personalise import FinetuneConfig
+
+    fields = {f.name: f for f in dataclasses.fields(FinetuneConfig)}
+    out = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or name not in fields or name == "method":
+            ap.error(f"--set {item!r}: expected FIELD=VALUE with FIELD a FinetuneConfig field "
+                     f"({', '.join(n for n in fields if n != 'method')})")
+        kind = str(fields[name].type).split(" |")[0]  # "int", "float | None", "bool", "str | None", ...
+        if kind == "bool":
+            if text.lower() not in ("true", "false", "1", "0"):
+                ap.error(f"--set {item!r}: {name} takes true or false")
+            out[name] = text.lower() in ("true", "1")
+        elif kind in ("int", "float"):
+            try:
+                out[name] = int(text) if kind == "int" else float(text)
+            except ValueError:
+                ap.error(f"--set {item!r}: {name} takes {'an integer' if kind == 'int' else 'a number'}")
+        elif kind == "str":
+            out[name] = text
+        else:
+            ap.error(f"--set {item!r}: {name} ({fields[name].type}) cannot be set from the command line")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--methods", default=",".join(PLANS), help="comma-separated (default: all four)")
@@ -128,12 +165,16 @@ def main(argv: list[str] | None = None) -> int:
     # 24: with 8 the examples show the shape in too few colours and backgrounds for the 11M-parameter model
     # to draw it in unseen ones (LoRA 52% against 78%, DreamBooth 48% against 70%; bench/RESULTS.md)
     ap.add_argument("--examples", type=int, default=24, help="example images (default: 24)")
+    ap.add_argument("--unbalanced", action="store_true", help="draw each example's size at random instead of "
+                    "alternating small and large")
     ap.add_argument("--steps", type=int, help="override every method's steps")
     ap.add_argument("--lr", type=float, help="override every method's learning rate")
     ap.add_argument("--prior", choices=("renders", "drawn", "none"), help="override the class images' source "
                     "for DreamBooth and LoRA (default: each method's plan)")
     ap.add_argument("--prior-images", type=int, help="override the number of class images")
     ap.add_argument("--prior-weight", type=float, help="override the prior loss weight")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a FinetuneConfig field for every method, e.g. --set rank=16 --set lora_conv=true")
     ap.add_argument("--batch", type=int, default=4, help="batch size (default: 4)")
     ap.add_argument("--eval", type=int, default=50, help="token prompts scored per model (default: 50)")
     ap.add_argument("--old", type=int, default=60, help="old-kind prompts scored per model (default: 60)")
@@ -151,9 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     threads = set_threads(args.threads)
     root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="sfumato-personalise-"))
     data = root / "examples"
-    write_examples(data, args.kind, args.examples, seed=1)
+    overrides = parse_overrides(ap, args.set)
+    write_examples(data, args.kind, args.examples, seed=1, balanced=not args.unbalanced)
     print(f"# personalisation on the built-in model: teach '{args.kind}' as '{TOKEN}' from {args.examples} "
-          f"examples; {hardware()}, {threads} threads")
+          f"examples ({'random sizes' if args.unbalanced else 'small and large alternating'}); {hardware()}, "
+          f"{threads} threads" + "".join(f"; {k}={v}" for k, v in overrides.items()))
     base = sfumato.load()
     t0 = time.perf_counter()
     baseline, base_old = novel_rate(base, args.kind, args.eval, seed=2), old_accuracy(base, args.old)
@@ -168,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             plan["steps"] = args.steps
         if args.lr:
             plan["lr"] = args.lr
+        plan.update(overrides)
         prior = "-"
         if "prior" in plan:
             for key, value in (("prior", args.prior), ("prior_images", args.prior_images),
@@ -178,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
             plan.update(prior_settings(source, n, weight, root / f"{method}-class"))
             prior = f"{source} {n} x{weight:g}" if source != "none" and n else "none"
         pipe = sfumato.load()
-        cfg = FinetuneConfig(method=method, batch_size=args.batch, seed=0,
-                             token=TOKEN if method == "textual-inversion" else None, **plan)
+        cfg = FinetuneConfig(**{"method": method, "batch_size": args.batch, "seed": 0,
+                                "token": TOKEN if method == "textual-inversion" else None, **plan})
         res = finetune(pipe, data, cfg, out_dir=root / method, progress=False)
         if method == "textual-inversion":
             pipe = sfumato.load()

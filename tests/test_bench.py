@@ -207,3 +207,56 @@ def test_upscale_bench(tmp_path):
     assert "diffusers" not in t and t["max_pixel_diff"] is None
     assert t["sfumato"]["out_size"] == [128, 128] and t["sfumato"]["image_ok"]
     assert t["sfumato"]["unet_calls"] == 9  # 32 px in 16 px windows overlapping 4: starts 0, 12, 16 on each axis
+
+
+def _bench_module(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH))
+    return module
+
+
+def test_personalise_examples_and_overrides(tmp_path):
+    """bench/personalise.py's examples alternate small and large (random sizes on request), each captioned
+    with the token; --set parses values by the FinetuneConfig field's type and names bad fields."""
+    import argparse
+
+    from sfumato.train.scenes import SIZES
+
+    mod = _bench_module("personalise")
+    scenes = mod.write_examples(tmp_path / "b", "crescent", 6, seed=1)
+    captions = [p.read_text() for p in sorted((tmp_path / "b").glob("*.txt"))]
+    assert len(captions) == 6 and all(mod.TOKEN in c and "crescent" not in c for c in captions)
+    assert [s.shapes[0].size for s in scenes] == list(SIZES) * 3
+    assert {s.shapes[0].kind for s in scenes} == {"crescent"}
+    random_sizes = mod.write_examples(tmp_path / "r", "crescent", 40, seed=1, balanced=False)
+    assert len(list((tmp_path / "r").glob("*.png"))) == 40
+    assert [s.shapes[0].size for s in random_sizes] != list(SIZES) * 20
+
+    ap = argparse.ArgumentParser()
+    assert mod.parse_overrides(ap, ["rank=16", "lora_conv=true", "snr_gamma=5", "alpha=8"]) == dict(
+        rank=16, lora_conv=True, snr_gamma=5.0, alpha=8.0)
+    for bad in ("bogus=1", "rank=x", "rank=1.5", "lora_conv=maybe", "method=lora", "rank", "validation_prompts=a"):
+        with pytest.raises(SystemExit):
+            mod.parse_overrides(ap, [bad])
+
+
+def test_personalise_runs_end_to_end(tmp_path):
+    """bench/personalise.py on the built-in model, a few steps: every row printed, --set reaches the config
+    (the LoRA file has rank 2), the prior's class images and the examples are written."""
+    out = _run("personalise.py", "--methods", "lora", "--steps", 2, "--examples", 2, "--prior-images", 4,
+               "--eval", 2, "--old", 2, "--set", "rank=2", "--set", "seed=1", "--out", tmp_path, "--threads", 1)
+    lines = out.stdout.splitlines()
+    assert "rank=2; seed=1" in lines[0] and lines[1].startswith("untrained: crescent in ")
+    row = next(line.split() for line in lines if line.startswith("lora "))
+    assert row[1] == "2" and row[2:5] == ["renders", "4", "x1"] and row[-3].endswith("%")
+    assert len(list((tmp_path / "examples").glob("*.png"))) == 2
+    assert len(list((tmp_path / "lora-class").glob("*.png"))) == 4
+    from safetensors.torch import load_file
+
+    down = [v for k, v in load_file(tmp_path / "lora" / "lora.safetensors").items() if k.endswith("lora_down.weight")]
+    assert down and all(v.shape[0] == 2 for v in down)
