@@ -260,3 +260,9 @@ def test_personalise_runs_end_to_end(tmp_path):
 
     down = [v for k, v in load_file(tmp_path / "lora" / "lora.safetensors").items() if k.endswith("lora_down.weight")]
     assert down and all(v.shape[0] == 2 for v in down)
+
+    again = _run("personalise.py", "--methods", "lora", "--rescore", "--eval", 3, "--eval-seed", 3, "--old", 2,
+                 "--out", tmp_path, "--threads", 1).stdout
+    row = next(line.split() for line in again.splitlines() if line.startswith("lora "))
+    assert "of 3 token prompts" in again and row[1] == "-" and row[-3].endswith("%")
+    assert _run("personalise.py", "--methods", "dreambooth", "--rescore", "--out", tmp_path, ok=False).returncode == 2
