@@ -104,16 +104,24 @@ def prior_settings(source: str, n: int, weight: float, folder: Path) -> dict:
                 prior_weight=weight)
 
 
-def novel_rate(pipe, kind: str, n: int, seed: int) -> float:
-    """Fraction of ``n`` token prompts (scenes not among the examples) whose image shows ``kind``."""
+def novel_rate(pipe, kind: str, n: int, seed: int) -> tuple[float, dict[str, tuple[int, int]]]:
+    """Fraction of ``n`` token prompts (scenes not among the examples) whose image shows ``kind``, and per
+    size the (hits, prompts) behind it."""
     rng = random.Random(seed)
-    hits = 0
+    by_size: dict[str, list[int]] = {}
     for i in range(n):
         scene = sample_scene(rng, two_shapes=0.0, kinds=(kind,))
         image = pipe.generate(describe(scene, names={kind: TOKEN}), seed=5000 + i).images[0]
         found = analyse(image).shapes
-        hits += bool(found) and found[0].kind == kind
-    return hits / n
+        tally = by_size.setdefault(scene.shapes[0].size, [0, 0])
+        tally[0] += bool(found) and found[0].kind == kind
+        tally[1] += 1
+    return sum(h for h, _ in by_size.values()) / n, {size: tuple(t) for size, t in sorted(by_size.items())}
+
+
+def sizes_text(by_size: dict[str, tuple[int, int]]) -> str:
+    """``{"large": (32, 32), "small": (6, 18)}`` -> ``"32/32 6/18"`` (large, then small)."""
+    return " ".join(f"{h}/{t}" for _, (h, t) in sorted(by_size.items()))
 
 
 def ceiling(pipe, kind: str, n: int, seed: int) -> float:
@@ -229,12 +237,12 @@ def main(argv: list[str] | None = None) -> int:
           + "".join(f"; {k}={v}" for k, v in overrides.items()))
     base = sfumato.load()
     t0 = time.perf_counter()
-    baseline, base_old = novel_rate(base, args.kind, args.eval, args.eval_seed), old_accuracy(base, args.old)
+    (baseline, _), base_old = novel_rate(base, args.kind, args.eval, args.eval_seed), old_accuracy(base, args.old)
     print(f"untrained: {args.kind} in {baseline:.0%} of {args.eval} token prompts; old kinds all-five "
           f"{base_old:.3f} ({time.perf_counter() - t0:.0f} s to score); autoencoder ceiling for {args.kind}: "
           f"{ceiling(base, args.kind, args.eval, args.eval_seed):.0%}")
     print(f"{'method':<18}{'steps':>6}{'prior':>18}{'train s':>9}{'final loss':>11}{args.kind + ' rate':>14}"
-          f"{'old all-five':>14}{'change':>9}")
+          f"{'large small':>13}{'old all-five':>14}{'change':>9}")
     for method in methods:
         plan = dict(PLANS[method])
         if args.steps:
@@ -261,8 +269,8 @@ def main(argv: list[str] | None = None) -> int:
             assert res.output == root / method / OUTPUT_FILE[method], res.output
             steps, seconds, loss = res.step, f"{res.seconds:.0f}", f"{res.losses[-1]:.4f}"
         pipe = trained(method, root / method / OUTPUT_FILE[method])
-        rate, old = novel_rate(pipe, args.kind, args.eval, args.eval_seed), old_accuracy(pipe, args.old)
-        print(f"{method:<18}{steps:>6}{prior:>18}{seconds:>9}{loss:>11}{rate:>14.0%}"
+        (rate, by_size), old = novel_rate(pipe, args.kind, args.eval, args.eval_seed), old_accuracy(pipe, args.old)
+        print(f"{method:<18}{steps:>6}{prior:>18}{seconds:>9}{loss:>11}{rate:>14.0%}{sizes_text(by_size):>13}"
               f"{old:>14.3f}{(old - base_old) * 100:>+8.1f}p", flush=True)
     print(f"(runs in {root})")
     return 0
