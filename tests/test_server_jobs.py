@@ -373,7 +373,8 @@ def test_serve_command_defaults_and_options(monkeypatch, tmp_path, capsys):
 
 
 def test_model_list_gives_each_models_native_size_without_loading_it(tiny_models, tmp_path, monkeypatch):
-    """GET /sdapi/v1/sd-models: `default_size` from each checkpoint's headers (built-in 64, SD 1.x 512), detected
+    """GET /sdapi/v1/sd-models: `default_size` and `default_cfg` from each checkpoint's headers (built-in 64
+    and cfg 2, SD 1.x 512 and 7), detected
     once per checkpoint, never by loading the weights; an unreadable file is still listed, with no size."""
     import sfumato
     import sfumato.weights.detect as detect
@@ -399,6 +400,8 @@ def test_model_list_gives_each_models_native_size_without_loading_it(tiny_models
             assert r.status_code == 200, r.text
             sizes = {m["title"]: m["default_size"] for m in r.json()}
             assert sizes == {"model.safetensors": 64, "broken.safetensors": None, "sd1": 512}
+            cfgs = {m["title"]: m["default_cfg"] for m in r.json()}  # the built-in model's own, else 7
+            assert cfgs == {"model.safetensors": 2.0, "broken.safetensors": None, "sd1": 7.0}
         assert len(calls) == 3, "each checkpoint is detected once, then the Registry's cache answers"
         assert httpx.get(srv.url + "/api/v1/health").json()["loaded_models"] == []
 

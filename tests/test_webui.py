@@ -233,8 +233,9 @@ def test_drop_a_png_to_read_its_parameters(page):
 
 
 def test_width_and_height_follow_the_selected_model(browser, tiny_models, tmp_path):
-    """The built-in model (the server's default) makes 64x64 images, the tiny SD 1.x model 512x512: the size
-    fields follow the picked model until the user types a size; a model of unknown size leaves them alone."""
+    """The built-in model (the server's default) makes 64x64 images with cfg 2, the tiny SD 1.x model 512x512
+    with cfg 7: the size and CFG fields follow the picked model until the user types a value; a model of
+    unknown size leaves them alone."""
     from sfumato.server.app import ServerConfig
     from sfumato.weights.load import builtin_checkpoint
 
@@ -246,9 +247,9 @@ def test_width_and_height_follow_the_selected_model(browser, tiny_models, tmp_pa
     size = lambda p: (p.input_value("#width"), p.input_value("#height"))  # noqa: E731
     with running(config) as srv, _open(browser, srv.url) as page:
         assert page.input_value("#model") == "model.safetensors"
-        assert size(page) == ("64", "64")
+        assert size(page) == ("64", "64") and page.input_value("#cfg") == "2"
         page.select_option("#model", "sd1")
-        assert size(page) == ("512", "512")
+        assert size(page) == ("512", "512") and page.input_value("#cfg") == "7"
         page.select_option("#model", "unknown.safetensors")
         assert size(page) == ("512", "512") and not page.is_visible("#size-native")
         page.select_option("#model", "model.safetensors")
@@ -261,7 +262,10 @@ def test_width_and_height_follow_the_selected_model(browser, tiny_models, tmp_pa
         page.click("#size-native")  # until they ask for the model's again
         assert size(page) == ("512", "512")
         page.select_option("#model", "model.safetensors")
-        assert size(page) == ("64", "64")
+        assert size(page) == ("64", "64") and page.input_value("#cfg") == "2"
+        page.fill("#cfg", "4.5")  # the user's guidance stays too
+        page.select_option("#model", "sd1")
+        assert page.input_value("#cfg") == "4.5"
         _shot(page, "08-model-size")
 
 

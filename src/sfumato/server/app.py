@@ -363,11 +363,12 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.get("/sdapi/v1/sd-models")
     async def sd_models() -> list[dict[str, Any]]:
-        # default_size (sfumato's addition; AUTOMATIC1111 clients ignore extra keys): the model's native
-        # width and height, or None when its headers do not tell
+        # default_size and default_cfg (sfumato's additions; AUTOMATIC1111 clients ignore extra keys): the
+        # model's native width and height and the guidance it generates with, or None when its headers do not tell
         def listing() -> list[dict[str, Any]]:
             return [{"title": c.title, "model_name": c.model_name, "hash": None, "sha256": None,
-                     "filename": str(c.path), "config": None, "default_size": registry.default_size(c)}
+                     "filename": str(c.path), "config": None, "default_size": registry.default_size(c),
+                     "default_cfg": registry.default_cfg(c)}
                     for c in registry.list()]
 
         return await asyncio.to_thread(listing)

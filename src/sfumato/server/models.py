@@ -3,8 +3,9 @@
 ``Registry`` lists checkpoints under AUTOMATIC1111-style titles (the file or folder name relative to
 ``--models-dir``; the ``--model`` given on the command line is always listed first). A name matches a
 title, a file stem, or a title followed by `` [hash]`` as AUTOMATIC1111's own titles are written. Each
-checkpoint's native image size (``ModelSpec.default_size``) is detected from its headers, without loading
-it, once per file (``Registry.default_size``), so the web page can default to it.
+checkpoint's native image size and guidance scale (``ModelSpec.default_size``, ``default_cfg``) are detected
+from its headers, without loading it, once per file (``Registry.default_size``, ``default_cfg``), so the web
+page can default to them.
 
 ``ModelCache`` belongs to one worker (one device) and is used from its thread only: it loads on first use
 and evicts the least recently used models while the sum of their parameter bytes exceeds the budget
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sfumato.errors import SfumatoError
+from sfumato.params import GenerationParams
 
 log = logging.getLogger("sfumato.server")
 
@@ -146,6 +148,14 @@ class Registry:
         """``ckpt``'s native width and height (``ModelSpec.default_size``), or None (see :meth:`spec`)."""
         spec = self.spec(ckpt)
         return None if spec is None else spec.default_size
+
+    def default_cfg(self, ckpt: Checkpoint) -> float | None:
+        """The guidance scale ``ckpt`` generates with when none is given (``ModelSpec.default_cfg``, else
+        the generation default), or None when what the file is cannot be told (see :meth:`spec`)."""
+        spec = self.spec(ckpt)
+        if spec is None:
+            return None
+        return spec.default_cfg if spec.default_cfg is not None else GenerationParams().cfg_scale
 
 
 def is_upscaler(spec) -> bool:  # noqa: ANN001 - a ModelSpec or None

@@ -22,6 +22,7 @@ const state = {
   masked: false,      // anything painted on the mask
   previewBusy: false,
   sizeEdited: false,  // the user chose a width/height: stop following the model's native size
+  cfgEdited: false,   // the user chose a CFG scale: stop following the model's own
   samplers: [], schedules: [], models: [],
 };
 
@@ -94,6 +95,8 @@ function followModel() {
       : `${size}×${size}: the native size of ${m.model_name} (follows the model until you change it).`;
     if (!state.sizeEdited) { $("width").value = size; $("height").value = size; }
   }
+  const cfg = m && m.default_cfg;  // the guidance the model generates with (the built-in model's is 2)
+  if (cfg && !state.cfgEdited) $("cfg").value = cfg;
   hiresSize();
 }
 
@@ -383,6 +386,7 @@ function applyRequest(p, seed) {
   $("refiner").value = "";
   selectByText($("refiner"), p.refiner_checkpoint);
   refinerChanged();
+  if (p.cfg_scale !== undefined && p.cfg_scale !== null) state.cfgEdited = true;  // reused: keep it
   if (p.width || p.height) sizeChosen(); else followModel();
 }
 
@@ -412,6 +416,7 @@ function applyInfotext(p) {
   $("refiner").value = p["Refiner"] && named(p["Refiner"]) ? named(p["Refiner"]).title : "";
   setIf("refiner-switch", p["Refiner switch at"]);
   refinerChanged();
+  if (p["CFG scale"]) state.cfgEdited = true;  // read from the image: keep it
   const size = /^(\d+)x(\d+)$/.exec(p["Size"] || "");
   if (size) { $("width").value = size[1]; $("height").value = size[2]; sizeChosen(); } else followModel();
 }
@@ -523,6 +528,7 @@ function setup() {
     $("prompt").focus();
   });
   $("model").addEventListener("change", followModel);
+  $("cfg").addEventListener("input", () => { state.cfgEdited = true; });
   for (const id of ["width", "height"]) $(id).addEventListener("input", sizeChosen);
   $("hr-scale").addEventListener("input", hiresSize);
   $("size-native").addEventListener("click", () => { state.sizeEdited = false; followModel(); });
