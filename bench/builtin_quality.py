@@ -118,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import sfumato
-    from sfumato.params import GenerationParams
+    from sfumato.params import GenerationParams, model_cfg
 
     try:
         pipe = sfumato.load(args.model)
@@ -128,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     scenes = bench_scenes(args.prompts)[: args.limit]
     defaults = GenerationParams()
     steps = args.steps or defaults.steps
-    cfg = args.cfg if args.cfg is not None else (pipe.spec.default_cfg or defaults.cfg_scale)
+    cfg = args.cfg if args.cfg is not None else model_cfg(pipe.spec)
     n_held = sum(h for _, h in scenes)
     print(f"model: {args.model or 'built-in'} ({pipe.spec.family}), {len(scenes)} prompts "
           f"({n_held} held-out, {len(scenes) - n_held} seen), {pipe.spec.default_size}x{pipe.spec.default_size}, "

@@ -52,8 +52,12 @@ PLANS = {
 }
 
 
-OUTPUT_FILE = {"textual-inversion": f"{TOKEN}.safetensors", "lora": "lora.safetensors",
-               "dreambooth": "model.safetensors", "finetune": "model.safetensors"}
+def output_of(root: Path, method: str) -> Path:
+    """Where ``finetune`` writes ``method``'s file in this script's run folder ``root``."""
+    from sfumato.train.personalise import FinetuneConfig
+
+    token = TOKEN if method == "textual-inversion" else None
+    return root / method / FinetuneConfig(method=method, token=token).output_name()
 
 
 def trained(method: str, output: Path):
@@ -225,9 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     data = root / "examples"
     overrides = parse_overrides(ap, args.set)
     if args.rescore:
-        missing = [m for m in methods if not (root / m / OUTPUT_FILE[m]).is_file()]
+        missing = [str(output_of(root, m)) for m in methods if not output_of(root, m).is_file()]
         if missing:
-            ap.error(f"--rescore: no {', '.join(str(root / m / OUTPUT_FILE[m]) for m in missing)}")
+            ap.error(f"--rescore: no {', '.join(missing)}")
     else:
         write_examples(data, args.kind, args.examples, seed=1, balanced=not args.unbalanced)
     what = (f"score the files trained in {root}" if args.rescore else
@@ -266,9 +270,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = FinetuneConfig(**{"method": method, "batch_size": args.batch, "seed": 0,
                                     "token": TOKEN if method == "textual-inversion" else None, **plan})
             res = finetune(sfumato.load(), data, cfg, out_dir=root / method, progress=False)
-            assert res.output == root / method / OUTPUT_FILE[method], res.output
             steps, seconds, loss = res.step, f"{res.seconds:.0f}", f"{res.losses[-1]:.4f}"
-        pipe = trained(method, root / method / OUTPUT_FILE[method])
+        pipe = trained(method, output_of(root, method))
         (rate, by_size), old = novel_rate(pipe, args.kind, args.eval, args.eval_seed), old_accuracy(pipe, args.old)
         print(f"{method:<18}{steps:>6}{prior:>18}{seconds:>9}{loss:>11}{rate:>14.0%}{sizes_text(by_size):>13}"
               f"{old:>14.3f}{(old - base_old) * 100:>+8.1f}p", flush=True)

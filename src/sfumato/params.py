@@ -85,6 +85,12 @@ class GenerationParams:
         return tuple(f.name for f in fields(cls))
 
 
+def model_cfg(spec) -> float:  # noqa: ANN001 - a ModelSpec (config imports nothing from here)
+    """The guidance scale a model of ``spec`` generates with when none is given: its own
+    (``ModelSpec.default_cfg``, e.g. the built-in model's 2), else :class:`GenerationParams`' default."""
+    return spec.default_cfg if spec.default_cfg is not None else GenerationParams.cfg_scale
+
+
 def _int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidParameterError(f"{name} must be an integer, got {value!r}")

@@ -36,7 +36,7 @@ from sfumato.errors import InvalidParameterError
 from sfumato.models.unet import StepCache, UNetModel, timestep_embedding
 from sfumato.models import ops, tome
 from sfumato.models.vae import AutoencoderKL, DiagonalGaussian
-from sfumato.params import GenerationParams, validate
+from sfumato.params import GenerationParams, model_cfg, validate
 from sfumato.text.conditioning import Conditioning, encode_prompt, pad_to_same_length
 from sfumato.text.encoder import CLIPTextEncoder
 from sfumato.text.prompt import get_prompt_schedule, split_and
@@ -440,8 +440,7 @@ class Pipeline:
             raise InvalidParameterError(f"unknown parameter(s) {', '.join(unknown)}; "
                                         f"known: {', '.join(GenerationParams.field_names())}")
         size = self.spec.default_size
-        if self.spec.default_cfg is not None and "cfg_scale" not in kw:
-            kw = {**kw, "cfg_scale": self.spec.default_cfg}  # the model's own recommended guidance
+        kw = {"cfg_scale": model_cfg(self.spec), **kw}  # unless given, the model's own recommended guidance
         p = GenerationParams(prompt=prompt, negative_prompt=negative, width=size if width is None else width,
                              height=size if height is None else height, **kw)
         return validate(p, size_multiple=self.spec.vae.downscale)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sfumato.errors import SfumatoError
-from sfumato.params import GenerationParams
+from sfumato.params import model_cfg
 
 log = logging.getLogger("sfumato.server")
 
@@ -153,9 +153,7 @@ class Registry:
         """The guidance scale ``ckpt`` generates with when none is given (``ModelSpec.default_cfg``, else
         the generation default), or None when what the file is cannot be told (see :meth:`spec`)."""
         spec = self.spec(ckpt)
-        if spec is None:
-            return None
-        return spec.default_cfg if spec.default_cfg is not None else GenerationParams().cfg_scale
+        return None if spec is None else model_cfg(spec)
 
 
 def is_upscaler(spec) -> bool:  # noqa: ANN001 - a ModelSpec or None

@@ -111,6 +111,12 @@ class FinetuneConfig:
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
 
+    def output_name(self, name: str | None = None) -> str:
+        """The file :func:`finetune` writes its result to (``name``: its ``name`` argument): the embedding
+        ``<token>.safetensors``, ``lora.safetensors`` or the model's ``model.safetensors``."""
+        default = {"textual-inversion": self.token, "lora": "lora"}.get(self.method, "model")
+        return f"{name or default}.safetensors"
+
     def check(self) -> None:
         def bad(msg: str) -> None:
             raise InvalidParameterError(msg)
@@ -505,14 +511,14 @@ def _write_result(pipe, cfg: FinetuneConfig, out: Path, name: str | None, invers
     meta = {"sfumato.method": cfg.method, "sfumato.family": pipe.spec.family}
     if inversion is not None:
         vectors = inversion.vectors()
-        path = out / f"{name or cfg.token}.safetensors"
+        path = out / cfg.output_name(name)
         tensors = {"emb_params": vectors[0]} if len(vectors) == 1 else {"clip_l": vectors[0], "clip_g": vectors[1]}
         io.write_safetensors(path, tensors, {**meta, "sfumato.token": cfg.token})
         return path
     if targets is not None:
         from sfumato.train import lora_network
 
-        path = out / f"{name or 'lora'}.safetensors"
+        path = out / cfg.output_name(name)
         tensors = lora_network.peft_state_dict(targets) if cfg.peft_format else lora_network.kohya_state_dict(targets)
         io.write_safetensors(path, tensors, {**meta, "ss_network_dim": str(cfg.rank),
                                              "ss_network_alpha": str(cfg.alpha if cfg.alpha is not None else cfg.rank)})
@@ -520,4 +526,4 @@ def _write_result(pipe, cfg: FinetuneConfig, out: Path, name: str | None, invers
         return path
     if ema is not None:
         ema.copy_to("unet", pipe.unet)
-    return pipe.save(out / f"{name or 'model'}.safetensors")
+    return pipe.save(out / cfg.output_name(name))
